@@ -1,0 +1,343 @@
+"""Compressors: how a per-example gradient becomes a short vector (C in DESIGN §1).
+
+Each compressor is a small class registered under the name users type. One instance covers one
+(checkpoint, mask) pair and draws its masks from :mod:`indexer.masks`, so it is a pure function
+of its settings. Two families:
+
+* hook compressors (``uses_hooks = True``) work from each linear layer's captured inputs ``x``
+  and output gradients ``δ`` and never form the full per-example gradient;
+* full-gradient compressors work from per-example gradients ``[B, numel]`` of each layer.
+
+A layer's full gradient is laid out as a ``[rows, cols]`` matrix flattened row-major: for a
+linear layer ``rows = d_out`` and ``cols = d_in (+1 for the bias, as a last column)``; any other
+module is one row of its trainable parameters concatenated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .config import CompressionConfig
+from .errors import ConfigError, TaskError
+from .masks import mask_generator, sample_indices, split_keep
+
+__all__ = [
+    "COMPRESSORS",
+    "Compressor",
+    "DropoutCompressor",
+    "FactorizedDropoutCompressor",
+    "GaussianCompressor",
+    "Layer",
+    "SjltCompressor",
+    "describe_layers",
+    "register_compressor",
+]
+
+Captures = Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]
+"""layer name → list of ``(x [B, N, D_in], delta [B, N, D_out])``, one per call of the layer."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An attributed module's gradient shape."""
+
+    name: str
+    rows: int
+    cols: int
+    linear: bool
+    bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def d_in(self) -> int:
+        return self.cols - int(self.bias)
+
+
+def describe_layers(modules: Mapping[str, nn.Module]) -> list[Layer]:
+    """The gradient shape of each attributed module, in order."""
+    layers = []
+    for name, module in modules.items():
+        if isinstance(module, nn.Linear):
+            if not module.weight.requires_grad:
+                raise TaskError(f"linear layer {name!r} has a frozen weight; do not attribute it")
+            bias = module.bias is not None and module.bias.requires_grad
+            layers.append(Layer(name, module.out_features, module.in_features + bias, True, bias))
+        else:
+            numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            layers.append(Layer(name, 1, numel, False, False))
+    return layers
+
+
+COMPRESSORS: dict[str, type[Compressor]] = {}
+
+
+def register_compressor(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: make a compressor available under ``cls.name``."""
+    COMPRESSORS[cls.name] = cls
+    return cls
+
+
+class Compressor:
+    """One (checkpoint, mask) instance of a compression strategy.
+
+    Attributes:
+        blocks: ``(block name, size)`` in output order; the preconditioner's ``block`` shape
+            gives each its own matrix.
+    """
+
+    name: ClassVar[str]
+    uses_hooks: ClassVar[bool]
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        keep: float,
+        config: CompressionConfig,
+        *,
+        checkpoint: int = 0,
+        mask: int = 0,
+    ) -> None:
+        self.layers = list(layers)
+        self.keep = keep
+        self.config = config
+        self.checkpoint = checkpoint
+        self.mask = mask
+        self.blocks: list[tuple[str, int]] = []
+
+    def _gen(self, layer: Layer, purpose: str, keep: float | None = None) -> torch.Generator:
+        return mask_generator(
+            seed=self.config.seed,
+            checkpoint=self.checkpoint,
+            mask=self.mask,
+            layer=layer.name,
+            shape=(layer.rows, layer.cols),
+            keep=self.keep if keep is None else keep,
+            purpose=purpose,
+        )
+
+    @property
+    def dim(self) -> int:
+        return sum(size for _, size in self.blocks)
+
+    def from_captures(self, captures: Captures) -> list[torch.Tensor]:
+        """Compressed blocks ``[B, size]`` from captured inputs and output gradients."""
+        raise NotImplementedError
+
+    def from_gradients(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Compressed blocks ``[B, size]`` from full per-example gradients ``[B, numel]``."""
+        raise NotImplementedError
+
+
+def _layer_k(layer: Layer, keep: float) -> int:
+    return max(1, min(layer.numel, round(keep * layer.numel)))
+
+
+def _require_linear(layers: Sequence[Layer], compressor: str) -> None:
+    for layer in layers:
+        if not layer.linear:
+            raise ConfigError(
+                f"compressor {compressor!r} handles nn.Linear layers only, and {layer.name!r} "
+                "is not one; use `dropout` (any parameter) or attribute linear layers only"
+            )
+
+
+def _factorized_block(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    layer: Layer,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """``Σ_t δ_t[rows] x1_t[cols]ᵀ`` per example, flattened: ``[B, len(rows)·len(cols)]``.
+
+    ``x1`` is the input with a constant 1 appended for the bias; the bias column is drawn
+    like any other input column.
+    """
+    full_rows = len(rows) == layer.rows
+    in_cols = cols[cols < layer.d_in]
+    bias_col = layer.bias and bool((cols == layer.d_in).any())
+    full_in = len(in_cols) == layer.d_in
+    out: torch.Tensor | None = None
+    for x, delta in pairs:
+        d = delta if full_rows else delta.index_select(-1, rows.to(delta.device))
+        xs = x if full_in else x.index_select(-1, in_cols.to(x.device))
+        if bias_col:
+            xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)
+        term = torch.bmm(d.transpose(1, 2), xs.to(d.dtype))  # [B, k_out, k_in]
+        out = term if out is None else out + term
+    if out is None:
+        raise TaskError(f"layer {layer.name!r} was never called by the task's loss")
+    return out.reshape(out.shape[0], -1)
+
+
+@register_compressor
+class FactorizedDropoutCompressor(Compressor):
+    """Keep ``k_out`` output rows and ``k_in`` input columns of each linear layer's gradient.
+
+    The kept block ``Σ_t δ_t[rows] x_t[cols]ᵀ`` is computed straight from hooks: the full
+    per-example gradient is never formed and weight gradients are never computed.
+    """
+
+    name = "factorized-dropout"
+    uses_hooks = True
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        keep: float,
+        config: CompressionConfig,
+        *,
+        checkpoint: int = 0,
+        mask: int = 0,
+    ) -> None:
+        super().__init__(layers, keep, config, checkpoint=checkpoint, mask=mask)
+        _require_linear(layers, self.name)
+        self.rows: dict[str, torch.Tensor] = {}
+        self.cols: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            k_out, k_in = split_keep(layer.rows, layer.cols, keep)
+            gen = self._gen(layer, "factorized")
+            self.rows[layer.name] = sample_indices(layer.rows, k_out, gen)
+            self.cols[layer.name] = sample_indices(layer.cols, k_in, gen)
+            self.blocks.append((layer.name, k_out * k_in))
+
+    def coordinates(self, layer: str) -> torch.Tensor:
+        """The flat coordinates this mask keeps in the layer's ``[rows, cols]`` gradient."""
+        spec = next(ly for ly in self.layers if ly.name == layer)
+        return (self.rows[layer][:, None] * spec.cols + self.cols[layer][None, :]).reshape(-1)
+
+    def from_captures(self, captures: Captures) -> list[torch.Tensor]:
+        return [
+            _factorized_block(captures[ly.name], ly, self.rows[ly.name], self.cols[ly.name])
+            for ly in self.layers
+        ]
+
+
+@register_compressor
+class DropoutCompressor(Compressor):
+    """A flat random coordinate mask on each layer's full per-example gradient.
+
+    Works for any parameter, at the cost of forming full per-example gradients
+    (``torch.func.vmap(grad(...))``). The reference the factorized path is checked against.
+    """
+
+    name = "dropout"
+    uses_hooks = False
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        keep: float,
+        config: CompressionConfig,
+        *,
+        checkpoint: int = 0,
+        mask: int = 0,
+        coordinates: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(layers, keep, config, checkpoint=checkpoint, mask=mask)
+        self.coords: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            if coordinates is not None:
+                idx = torch.as_tensor(coordinates[layer.name], dtype=torch.long)
+            else:
+                idx = sample_indices(layer.numel, _layer_k(layer, keep), self._gen(layer, "flat"))
+            self.coords[layer.name] = idx
+            self.blocks.append((layer.name, len(idx)))
+
+    def from_gradients(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            grads[ly.name].index_select(1, self.coords[ly.name].to(grads[ly.name].device))
+            for ly in self.layers
+        ]
+
+
+@register_compressor
+class SjltCompressor(FactorizedDropoutCompressor):
+    """Factorized mask to ``sjlt_expand``·k coordinates, then a sparse JL transform down to k.
+
+    Each kept coordinate is added, with a random sign, to one of k buckets (one ±1 per input
+    coordinate): the cost stays in the masking class while more of the gradient is seen.
+    """
+
+    name = "dropout-sjlt"
+    uses_hooks = True
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        keep: float,
+        config: CompressionConfig,
+        *,
+        checkpoint: int = 0,
+        mask: int = 0,
+    ) -> None:
+        wide = min(1.0, keep * config.sjlt_expand)
+        super().__init__(layers, wide, config, checkpoint=checkpoint, mask=mask)
+        self.keep = keep
+        self.buckets: dict[str, torch.Tensor] = {}
+        self.signs: dict[str, torch.Tensor] = {}
+        blocks = []
+        for layer, (_, wide_k) in zip(self.layers, self.blocks, strict=True):
+            k = min(_layer_k(layer, keep), wide_k)
+            gen = self._gen(layer, "sjlt")
+            self.buckets[layer.name] = torch.randint(0, k, (wide_k,), generator=gen)
+            self.signs[layer.name] = torch.randint(0, 2, (wide_k,), generator=gen) * 2.0 - 1.0
+            blocks.append((layer.name, k))
+        self.blocks = blocks
+
+    def from_captures(self, captures: Captures) -> list[torch.Tensor]:
+        wide = super().from_captures(captures)
+        out = []
+        for (name, k), v in zip(self.blocks, wide, strict=True):
+            signs = self.signs[name].to(device=v.device, dtype=v.dtype)
+            folded = v.new_zeros(v.shape[0], k)
+            folded.index_add_(1, self.buckets[name].to(v.device), v * signs)
+            out.append(folded)
+        return out
+
+
+@register_compressor
+class GaussianCompressor(Compressor):
+    """A dense Gaussian projection of the whole gradient (TRAK's). A baseline for benchmarks.
+
+    The ``[d, k]`` matrix never exists whole: it is generated in seeded row chunks of
+    ``CHUNK`` rows on every call, as TRAK's CPU projector does.
+    """
+
+    name = "gaussian"
+    uses_hooks = False
+    CHUNK = 4096
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        keep: float,
+        config: CompressionConfig,
+        *,
+        checkpoint: int = 0,
+        mask: int = 0,
+    ) -> None:
+        super().__init__(layers, keep, config, checkpoint=checkpoint, mask=mask)
+        self.total = sum(ly.numel for ly in self.layers)
+        self.k = max(1, round(keep * self.total))
+        self.blocks = [("gaussian", self.k)]
+        self._anchor = Layer("gaussian", 1, self.total, False, False)
+
+    def from_gradients(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        flat = torch.cat([grads[ly.name] for ly in self.layers], dim=1)
+        out = flat.new_zeros(flat.shape[0], self.k)
+        scale = 1.0 / math.sqrt(self.k)
+        for i, start in enumerate(range(0, self.total, self.CHUNK)):
+            stop = min(start + self.CHUNK, self.total)
+            gen = self._gen(self._anchor, f"gaussian-chunk-{i}")
+            proj = torch.randn(stop - start, self.k, generator=gen).to(flat.device, flat.dtype)
+            out.addmm_(flat[:, start:stop], proj, alpha=scale)
+        return [out]

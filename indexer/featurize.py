@@ -1,0 +1,417 @@
+"""Featurize: payloads → compressed per-example gradients, for every checkpoint and mask.
+
+This is the one code path the build pipeline (index vectors) and the server (query vectors)
+share. Gradients are of the task's per-example loss, so ``score = g̃(z)ᵀ P g̃(z_i) > 0`` means
+up-weighting ``z_i`` lowers the loss on ``z`` (a proponent).
+
+The output vector concatenates one group per (checkpoint, mask), each group its compressor's
+blocks in layer order. A query divides by the number of groups so that one inner product is
+the ensemble mean of the per-group scores (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from .compress import COMPRESSORS, Compressor, Layer, describe_layers
+from .config import CompressionConfig
+from .errors import NonFiniteLoss, TaskError
+from .hooks import LayerCapture
+from .task import Task, attributed_modules, load_model, task_checkpoints
+
+__all__ = ["Block", "Featurizer", "featurize"]
+
+Forward = Callable[[nn.Module, Any], torch.Tensor]
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous slice of the feature vector: one layer of one (checkpoint, mask) group."""
+
+    group: int
+    checkpoint: int
+    mask: int
+    layer: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One forward of the model and the per-example objectives differentiated after it."""
+
+    forward: Forward
+    heads: Sequence[Head]
+    rng_seed: int | None = None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _check_per_example(values: torch.Tensor, b: int, what: str) -> None:
+    if not isinstance(values, torch.Tensor):
+        raise TaskError(f"{what} must return a tensor, got {type(values).__name__}")
+    if values.dim() == 0 or values.shape[0] != b:
+        raise TaskError(
+            f"{what} must return one value per example, shape [{b}, ...], got "
+            f"{tuple(values.shape)}; return per-example losses (reduction='none'), not their mean"
+        )
+    bad = ~torch.isfinite(values.detach().reshape(b, -1)).all(dim=1)
+    if bool(bad.any()):
+        positions = bad.nonzero().flatten().tolist()
+        raise NonFiniteLoss(
+            f"{what} is NaN or infinite for the example(s) at batch position(s) {positions}; "
+            "such an example has no gradient to attribute",
+            positions,
+        )
+
+
+class Featurizer:
+    """Owns a task's models (one per checkpoint) and compressors (one per checkpoint × mask).
+
+    Args:
+        task: the task to featurize.
+        config: compression settings; masks derive from its seed alone.
+        device: where gradients are computed (default: cuda when available, else cpu).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        config: CompressionConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        compressors: Sequence[Sequence[Compressor]] | None = None,
+    ) -> None:
+        self.task = task
+        self.config = config or CompressionConfig()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.checkpoints = task_checkpoints(task)
+        self.models: list[nn.Module] = []
+        self.modules: list[dict[str, nn.Module]] = []
+        for checkpoint in self.checkpoints:
+            model = load_model(task, checkpoint).to(self.device)
+            self.models.append(model)
+            self.modules.append(attributed_modules(task, model))
+        self.layers: list[Layer] = describe_layers(self.modules[0])
+        for modules in self.modules[1:]:
+            if describe_layers(modules) != self.layers:
+                raise TaskError("every checkpoint must have the same attributed layers and shapes")
+        self.total_params = sum(layer.numel for layer in self.layers)
+        self.keep = self.config.resolve_keep(self.total_params)
+        cls = COMPRESSORS[self.config.compressor]
+        if compressors is None:
+            compressors = [
+                [
+                    cls(self.layers, self.keep, self.config, checkpoint=c, mask=m)
+                    for m in range(self.config.masks)
+                ]
+                for c in range(len(self.checkpoints))
+            ]
+        self.compressors = [list(row) for row in compressors]
+        self.blocks: list[Block] = []
+        offset = 0
+        for c, row in enumerate(self.compressors):
+            for m, comp in enumerate(row):
+                for layer, size in comp.blocks:
+                    group = c * len(row) + m
+                    self.blocks.append(Block(group, c, m, layer, offset, offset + size))
+                    offset += size
+        self.dim = offset
+        self.groups = sum(len(row) for row in self.compressors)
+        self._param_names = [self._layer_params(model, mods) for model, mods in
+                             zip(self.models, self.modules, strict=True)]
+
+    # ----------------------------------------------------------------- public surface
+
+    def describe(self) -> dict[str, Any]:
+        """What a manifest records about the vector layout."""
+        return {
+            "compressor": self.config.compressor,
+            "keep": self.keep,
+            "dim": self.dim,
+            "groups": self.groups,
+            "checkpoints": len(self.checkpoints),
+            "masks": self.config.masks,
+            "total_params": self.total_params,
+            "layers": [
+                {"name": ly.name, "rows": ly.rows, "cols": ly.cols, "bias": ly.bias}
+                for ly in self.layers
+            ],
+            "dims": {b.layer: b.size for b in self.blocks if b.group == 0},
+        }
+
+    def collate(self, payloads: Sequence[dict[str, Any]]) -> Any:
+        """The task's batch for ``payloads``, on the featurizer's device."""
+        if not payloads:
+            raise TaskError("no examples to featurize")
+        try:
+            batch = self.task.collate(list(payloads))
+        except TaskError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise TaskError(f"the task rejected the payload: {exc}") from exc
+        return _to_device(batch, self.device)
+
+    def raw(self, payloads: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """Compressed loss gradients at the true targets, ``[B, dim]`` float32 on cpu."""
+        passes = [_Pass(self._loss, [lambda losses: losses])]
+        return self._run(payloads, passes)[0]
+
+    def query(self, payloads: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """Query vectors: raw gradients scaled so one inner product is the ensemble mean."""
+        return self.raw(payloads) / self.groups
+
+    def fisher(self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1) -> torch.Tensor:
+        """Rows ``r`` with ``F̃ = (1/n) Σ r rᵀ`` over the ``n`` examples, ``[R·B, dim]``.
+
+        Args:
+            kind: ``empirical`` (true targets), ``sampled`` (``samples`` targets drawn from the
+                model per example), ``expected`` (every class, weighted by its probability).
+        """
+        if kind == "empirical":
+            return self.raw(payloads)
+        if kind == "sampled":
+            key = hashlib.sha256(json.dumps(list(payloads), sort_keys=True, default=str).encode())
+            base = int.from_bytes(key.digest()[:6], "little") + self.config.seed
+            passes = [
+                _Pass(self._sampled_loss, [lambda losses: losses], rng_seed=base + s)
+                for s in range(samples)
+            ]
+            rows = self._run(payloads, passes)
+            return torch.cat(rows) / samples**0.5
+        if kind == "expected":
+            if not callable(getattr(self.task, "logits", None)):
+                raise TaskError("the `expected` Fisher needs task.logits(model, batch) -> [B, C]")
+            n_classes = self._n_classes(payloads)
+            heads = [self._class_head(c) for c in range(n_classes)]
+            return torch.cat(self._run(payloads, [_Pass(self._logits, heads)]))
+        raise TaskError(f"unknown Fisher kind {kind!r}")
+
+    # ------------------------------------------------------------ objectives
+
+    def _loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.task.loss(model, batch)
+
+    def _sampled_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        return self.task.loss(model, batch, sample=True)
+
+    def _logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        logits: torch.Tensor = self.task.logits(model, batch)  # type: ignore[attr-defined]
+        return logits
+
+    @staticmethod
+    def _class_head(c: int) -> Head:
+        # Σ_c p_c g_c g_cᵀ = Σ_c (√p_c g_c)(√p_c g_c)ᵀ: the GGN of softmax cross-entropy.
+        def head(logits: torch.Tensor) -> torch.Tensor:
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, c]
+            return -logp * (0.5 * logp.detach()).exp()
+
+        return head
+
+    def _n_classes(self, payloads: Sequence[dict[str, Any]]) -> int:
+        batch = self.collate(payloads[:1])
+        with torch.no_grad():
+            logits = self._logits(self.models[0], batch)
+        if logits.dim() != 2:
+            raise TaskError(f"task.logits must return [B, C], got {tuple(logits.shape)}")
+        return int(logits.shape[1])
+
+    # ------------------------------------------------------------ engines
+
+    def _run(self, payloads: Sequence[dict[str, Any]], passes: Sequence[_Pass]) -> list[torch.Tensor]:
+        """One ``[B, dim]`` tensor per (pass, head), each the concatenation of every group."""
+        batch = self.collate(payloads)
+        b = len(payloads)
+        per_head: list[list[torch.Tensor]] = []
+        for c, (model, modules) in enumerate(zip(self.models, self.modules, strict=True)):
+            head_blocks: list[list[torch.Tensor]] = []
+            for p in passes:
+                with torch.random.fork_rng(devices=self._rng_devices()):
+                    if p.rng_seed is not None:
+                        torch.manual_seed(p.rng_seed + 7919 * c)
+                    if self.compressors[c][0].uses_hooks:
+                        outs = self._hooked(model, modules, batch, b, p)
+                    else:
+                        outs = self._full(model, c, batch, payloads, b, p)
+                head_blocks.extend(outs)
+            if not per_head:
+                per_head = [[] for _ in head_blocks]
+            for acc, blocks in zip(per_head, head_blocks, strict=True):
+                acc.extend(blocks)
+        return [torch.cat(blocks, dim=1).float().cpu() for blocks in per_head]
+
+    def _rng_devices(self) -> list[int]:
+        if self.device.type == "cuda":
+            return [self.device.index or 0]
+        return []
+
+    def _hooked(
+        self, model: nn.Module, modules: dict[str, nn.Module], batch: Any, b: int, p: _Pass
+    ) -> list[list[torch.Tensor]]:
+        """Per head, the blocks of every mask, from hooked inputs and output gradients only."""
+        c = self.models.index(model)
+        result = []
+        with torch.enable_grad(), LayerCapture(modules) as cap:
+            out = p.forward(model, batch)
+            _check_per_example(out, b, "task.loss" if p.forward != self._logits else "task.logits")
+            graph = cap.graph_outputs()
+            for i, head in enumerate(p.heads):
+                values = head(out)
+                _check_per_example(values, b, "task.loss")
+                grads = torch.autograd.grad(
+                    values.sum(), graph, retain_graph=i + 1 < len(p.heads), allow_unused=True
+                )
+                captures = cap.per_layer(list(grads))
+                blocks = []
+                for comp in self.compressors[c]:
+                    blocks.extend(comp.from_captures(captures))
+                result.append(blocks)
+        return result
+
+    def _full(
+        self, model: nn.Module, c: int, batch: Any, payloads: Sequence[dict[str, Any]], b: int,
+        p: _Pass,
+    ) -> list[list[torch.Tensor]]:
+        """Per head, the blocks of every mask, from full per-example gradients (torch.func)."""
+        result = []
+        with torch.no_grad():
+            out = p.forward(model, batch)
+        _check_per_example(out, b, "task.loss" if p.forward != self._logits else "task.logits")
+        for head in p.heads:
+            grads = self._per_example_grads(model, c, batch, payloads, p.forward, head)
+            blocks = []
+            for comp in self.compressors[c]:
+                blocks.extend(comp.from_gradients(grads))
+            result.append(blocks)
+        return result
+
+    @staticmethod
+    def _layer_params(model: nn.Module, modules: dict[str, nn.Module]) -> list[list[str]]:
+        """Full parameter names of each attributed layer, in the layer's gradient layout."""
+        where = {id(m): name for name, m in model.named_modules()}
+        names = []
+        for name, module in modules.items():
+            if id(module) not in where:
+                raise TaskError(f"attributed module {name!r} is not a submodule of the model")
+            prefix = where[id(module)] + "." if where[id(module)] else ""
+            if isinstance(module, nn.Linear):
+                own = ["weight"] + (["bias"] if module.bias is not None and
+                                    module.bias.requires_grad else [])
+            else:
+                own = [n for n, q in module.named_parameters() if q.requires_grad]
+            names.append([prefix + n for n in own])
+        return names
+
+    def _per_example_grads(
+        self, model: nn.Module, c: int, batch: Any, payloads: Sequence[dict[str, Any]],
+        forward: Forward, head: Head,
+    ) -> dict[str, torch.Tensor]:
+        """Each layer's full per-example gradient ``[B, numel]`` via ``vmap(grad(...))``.
+
+        Falls back to a loop over single-example batches when the task's code cannot be
+        vmapped (data-dependent control flow, non-tensor batch leaves).
+        """
+        flat_names = [n for names in self._param_names[c] for n in names]
+        named = dict(model.named_parameters())
+        params = {n: named[n].detach() for n in flat_names}
+
+        wrapper = _Objective(model, lambda m, batch_: head(forward(m, batch_)))
+
+        def one(attr: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+            one_batch = tree_map(
+                lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example
+            )
+            prefixed = {"model." + n: t for n, t in attr.items()}
+            value: torch.Tensor = functional_call(wrapper, prefixed, (one_batch,))
+            return value[0]
+
+        try:
+            per = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
+        except Exception:  # noqa: BLE001 - any vmap failure means: do it one by one
+            per = self._looped_grads(model, payloads, forward, head, flat_names)
+        return self._assemble(c, per)
+
+    def _looped_grads(
+        self, model: nn.Module, payloads: Sequence[dict[str, Any]], forward: Forward, head: Head,
+        names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        named = dict(model.named_parameters())
+        tensors = [named[n] for n in names]
+        rows: list[tuple[torch.Tensor, ...]] = []
+        for payload in payloads:
+            one_batch = self.collate([payload])
+            with torch.enable_grad():
+                value = head(forward(model, one_batch))[0]
+                rows.append(torch.autograd.grad(value, tensors, allow_unused=True))
+        out = {}
+        for j, n in enumerate(names):
+            out[n] = torch.stack(
+                [r[j] if r[j] is not None else torch.zeros_like(tensors[j]) for r in rows]
+            )
+        return out
+
+    def _assemble(self, c: int, per: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        grads = {}
+        for layer, names in zip(self.layers, self._param_names[c], strict=True):
+            parts = [per[n] for n in names]
+            b = parts[0].shape[0]
+            if layer.linear:
+                w = parts[0].reshape(b, layer.rows, -1)
+                if layer.bias:
+                    w = torch.cat([w, parts[1].reshape(b, layer.rows, 1)], dim=2)
+                grads[layer.name] = w.reshape(b, -1)
+            else:
+                grads[layer.name] = torch.cat([q.reshape(b, -1) for q in parts], dim=1)
+        return grads
+
+
+class _Objective(nn.Module):
+    """Wraps ``fn(model, batch)`` so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.fn(self.model, batch)
+
+
+def featurize(
+    featurizer: Featurizer,
+    payloads: Sequence[dict[str, Any]],
+    *,
+    preconditioner: Any | None = None,
+) -> torch.Tensor:
+    """Payloads → query vectors (no preconditioner) or index vectors ``(F̃+λI)⁻¹ g̃``.
+
+    Args:
+        featurizer: the task's featurizer (models and masks).
+        payloads: JSON payloads the task's ``collate`` accepts.
+        preconditioner: a fitted :class:`indexer.precondition.Preconditioner` for index vectors.
+
+    Returns:
+        ``[B, dim]`` float32 tensor on cpu.
+    """
+    if preconditioner is None:
+        return featurizer.query(payloads)
+    result: torch.Tensor = preconditioner.apply(featurizer.raw(payloads))
+    return result
