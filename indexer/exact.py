@@ -21,7 +21,7 @@ from torch.func import functional_call, hessian, jacrev, vmap
 from torch.utils._pytree import tree_map
 
 from .compress import Layer, describe_layers
-from .errors import ConfigError, TaskError
+from .errors import ConfigError, GradindexError, TaskError
 from .task import Task, attributed_modules, load_model
 
 __all__ = ["ExactInfluence"]
@@ -71,7 +71,14 @@ class ExactInfluence:
             curv = self._ggn(train)
         d = self.theta.numel()
         self.curvature = curv + (l2 + damping) * torch.eye(d, dtype=torch.float64)
-        self.factor = torch.linalg.cholesky(self.curvature)
+        factor, info = torch.linalg.cholesky_ex(self.curvature)
+        if int(info) != 0:
+            raise GradindexError(
+                f"the {curvature} plus λ = {l2 + damping:.3g} is not positive definite (a "
+                "non-convex loss, or a model away from its optimum); raise `damping` or use "
+                "curvature='ggn'"
+            )
+        self.factor = factor
         self.train_vectors = torch.cholesky_solve(self.train_grads.T, self.factor).T
 
     @staticmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from .hooks import LayerCapture
 from .task import Task, attributed_modules, load_model, task_checkpoints
 
 __all__ = ["Block", "Featurizer", "featurize"]
+
+log = logging.getLogger(__name__)
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -248,7 +251,7 @@ class Featurizer:
                     if p.rng_seed is not None:
                         torch.manual_seed(p.rng_seed + 7919 * c)
                     if self.compressors[c][0].uses_hooks:
-                        outs = self._hooked(model, modules, batch, b, p)
+                        outs = self._hooked(model, c, modules, batch, b, p)
                     else:
                         outs = self._full(model, c, batch, payloads, b, p)
                 head_blocks.extend(outs)
@@ -264,10 +267,10 @@ class Featurizer:
         return []
 
     def _hooked(
-        self, model: nn.Module, modules: dict[str, nn.Module], batch: Any, b: int, p: _Pass
+        self, model: nn.Module, c: int, modules: dict[str, nn.Module], batch: Any, b: int,
+        p: _Pass,
     ) -> list[list[torch.Tensor]]:
         """Per head, the blocks of every mask, from hooked inputs and output gradients only."""
-        c = self.models.index(model)
         result = []
         with torch.enable_grad(), LayerCapture(modules) as cap:
             out = p.forward(model, batch)
@@ -345,7 +348,8 @@ class Featurizer:
 
         try:
             per = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
-        except Exception:  # noqa: BLE001 - any vmap failure means: do it one by one
+        except Exception as exc:  # noqa: BLE001 - any vmap failure means: do it one by one
+            log.info("vmap over the task's loss failed (%s); looping over examples", exc)
             per = self._looped_grads(model, payloads, forward, head, flat_names)
         return self._assemble(c, per)
 

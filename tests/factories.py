@@ -1,0 +1,80 @@
+"""Small tasks built in code for the tests: sequences, broken losses, tiny classifiers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from indexer.errors import TaskError
+
+
+class SequenceModel(nn.Module):
+    """Token-wise layers over ``[B, T, D]`` with a shared layer called twice, then a head."""
+
+    def __init__(self, d_in: int = 6, hidden: int = 10, classes: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, hidden)
+        self.shared = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h))  # weight sharing: its gradients add up
+        return self.head(h).mean(dim=1)
+
+
+class SequenceTask:
+    """Classify random sequences ``[T, D]``; payload ``{"x": [[...], ...], "y": int}``."""
+
+    def __init__(self, n: int = 24, t: int = 5, d_in: int = 6, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.x = rng.normal(size=(n, t, d_in)).astype(np.float32)
+        self.y = rng.integers(0, 3, size=n)
+        torch.manual_seed(seed)
+        self._model = SequenceModel(d_in).eval()
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(f"s{i}", {"x": self.x[i].tolist(), "y": int(self.y[i])})
+                for i in range(len(self.x))]
+
+    def collate(self, payloads: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            x = torch.tensor([p["x"] for p in payloads], dtype=torch.float32)
+            y = torch.tensor([p["y"] for p in payloads], dtype=torch.long)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TaskError(f"bad sequence payload: {exc}") from exc
+        return x, y
+
+    def logits(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        out: torch.Tensor = model(batch[0])
+        return out
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        logits = self.logits(model, batch)
+        target = batch[1]
+        if sample:
+            target = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(1)
+        return F.cross_entropy(logits, target, reduction="none")
+
+
+class MeanLossTask(SequenceTask):
+    """Breaks the contract: returns the batch mean, not per-example losses."""
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        return super().loss(model, batch).mean()
+
+
+class NanLossTask(SequenceTask):
+    """Breaks on one example: the loss of any example whose label is 2 is NaN."""
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        losses = super().loss(model, batch)
+        return torch.where(batch[1] == 2, torch.full_like(losses, float("nan")), losses)

@@ -1,0 +1,151 @@
+"""The preconditioner against exact influence, and its streaming, storage and damping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from indexer import (
+    CompressionConfig,
+    ConfigError,
+    ExactInfluence,
+    Featurizer,
+    FisherAccumulator,
+    GradindexError,
+    InMemoryIndex,
+    Preconditioner,
+    PreconditionerConfig,
+)
+
+from .conftest import WEIGHT_DECAY
+
+RTOL = 1e-3
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("task_name", ["logreg_task", "mlp_task"])
+def test_full_expected_fisher_reproduces_exact_gauss_newton(request, task_name: str) -> None:
+    """keep=1, `full`, damping → 0: the index's scores are exact GGN influence."""
+    task = request.getfixturevalue(task_name)
+    train = [p for _, p in task.examples()][:300]
+    index = InMemoryIndex.fit(
+        task, CompressionConfig(keep=1.0),
+        PreconditionerConfig(shape="full", fisher="expected", damping=1e-4),
+        examples=list(task.examples())[:300],
+    )
+    lam = index.preconditioner.lambdas[0]
+    exact = ExactInfluence(task, train, curvature="ggn", damping=lam)
+    torch.testing.assert_close(index.preconditioner.fishers[0], exact.curvature
+                               - lam * torch.eye(exact.curvature.shape[0], dtype=torch.float64),
+                               atol=1e-6, rtol=RTOL)
+    queries = task.test_payloads(20)
+    assert _rel(index.scores(queries), exact.scores(queries)) < RTOL
+    assert _rel(index.self_influence, exact.self_influence()) < RTOL
+
+
+def test_exact_hessian_equals_gauss_newton_for_a_linear_model(logreg_task) -> None:
+    """Softmax regression is linear in θ, so its Hessian is its GGN: two code paths agree."""
+    train = [p for _, p in logreg_task.examples()][:200]
+    hess = ExactInfluence(logreg_task, train, curvature="hessian", l2=WEIGHT_DECAY)
+    ggn = ExactInfluence(logreg_task, train, curvature="ggn", l2=WEIGHT_DECAY)
+    torch.testing.assert_close(hess.curvature, ggn.curvature, atol=1e-8, rtol=1e-6)
+
+
+def test_exact_hessian_differs_from_gauss_newton_for_an_mlp(mlp_task) -> None:
+    train = [p for _, p in mlp_task.examples()][:100]
+    hess = ExactInfluence(mlp_task, train, curvature="hessian", damping=1.0)
+    ggn = ExactInfluence(mlp_task, train, curvature="ggn", damping=1.0)
+    assert _rel(hess.curvature, ggn.curvature) > 1e-3
+    with pytest.raises(GradindexError, match="not positive definite"):
+        ExactInfluence(mlp_task, train, curvature="hessian")
+
+
+def test_streaming_accumulation_does_not_depend_on_batch_size(mlp_task) -> None:
+    pairs = list(mlp_task.examples())[:90]
+    cfg = PreconditionerConfig(shape="block", fisher="expected")
+    a = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=7), cfg, examples=pairs)
+    b = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=90), cfg,
+                          examples=pairs)
+    for fa, fb in zip(a.preconditioner.fishers, b.preconditioner.fishers, strict=True):
+        torch.testing.assert_close(fa, fb, atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(a.vectors, b.vectors, atol=1e-5, rtol=1e-4)
+
+
+def test_block_shape_has_one_matrix_per_layer_and_group(mlp_task) -> None:
+    feat = Featurizer(mlp_task, CompressionConfig(keep=0.3, masks=3), device="cpu")
+    block = FisherAccumulator(feat.blocks, "block")
+    full = FisherAccumulator(feat.blocks, "full")
+    assert len(block.ranges) == 3 * len(feat.layers)
+    assert len(full.ranges) == 3
+    assert FisherAccumulator(feat.blocks, "identity").ranges == []
+    with pytest.raises(ConfigError, match="`shape`"):
+        FisherAccumulator(feat.blocks, "diagonal")
+
+
+def test_identity_shape_is_the_gradient_dot_product(mlp_task) -> None:
+    pairs = list(mlp_task.examples())[:40]
+    index = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.5, masks=2),
+                              PreconditionerConfig(shape="identity"), examples=pairs)
+    queries = mlp_task.test_payloads(5)
+    expected = index.featurizer.raw(queries) @ index.raw.T / 2
+    torch.testing.assert_close(index.scores(queries), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_masks_fold_into_the_mean_of_per_mask_scores(mlp_task) -> None:
+    pairs = list(mlp_task.examples())[:60]
+    queries = mlp_task.test_payloads(4)
+    pcfg = PreconditionerConfig(shape="block", fisher="empirical")
+    ensemble = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.2, masks=3), pcfg,
+                                 examples=pairs)
+    per_mask = []
+    for m, comp in enumerate(ensemble.featurizer.compressors[0]):
+        feat = Featurizer(mlp_task, CompressionConfig(keep=0.2), device="cpu",
+                          compressors=[[comp]])
+        single = InMemoryIndex.fit(mlp_task, None, pcfg, featurizer=feat, examples=pairs)
+        per_mask.append(single.scores(queries))
+        assert m == comp.mask
+    torch.testing.assert_close(ensemble.scores(queries), torch.stack(per_mask).mean(0),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_and_refit_with_another_damping(mlp_task, tmp_path: Path) -> None:
+    pairs = list(mlp_task.examples())[:50]
+    index = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3),
+                              PreconditionerConfig(damping=0.1), examples=pairs)
+    path = tmp_path / "fisher.npz"
+    index.preconditioner.save(path)
+    loaded = Preconditioner.load(path)
+    torch.testing.assert_close(loaded.apply(index.raw), index.vectors)
+    redamped = index.with_damping(1.0)
+    fresh = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3),
+                              PreconditionerConfig(damping=1.0), examples=pairs)
+    torch.testing.assert_close(redamped.vectors, fresh.vectors, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(redamped.vectors, index.vectors)
+
+
+def test_sampled_fisher_is_reproducible_and_converges_to_the_expected_one(mlp_task) -> None:
+    """Monte-Carlo error shrinks like 1/√samples: the sampled Fisher is unbiased."""
+    payloads = [p for _, p in mlp_task.examples()][:100]
+    feat = Featurizer(mlp_task, CompressionConfig(keep=1.0), device="cpu")
+    e = feat.fisher(payloads, "expected").double()
+    expected = e.T @ e / len(payloads)
+    errors = {}
+    for samples in (16, 256):
+        rows = feat.fisher(payloads, "sampled", samples=samples)
+        assert torch.equal(rows, feat.fisher(payloads, "sampled", samples=samples))
+        r = rows.double()
+        errors[samples] = _rel(r.T @ r / len(payloads), expected)
+    assert errors[256] < 0.15
+    assert errors[16] / errors[256] > 2.5  # 4 in expectation
+
+
+def test_damping_must_be_finite() -> None:
+    with pytest.raises(ConfigError, match="`damping`"):
+        PreconditionerConfig(damping=float("nan"))
+    with pytest.raises(ConfigError, match="`fisher`"):
+        PreconditionerConfig(fisher="true")
