@@ -11,7 +11,6 @@ linear layers, laid out as the compressors lay them out (``[d_out, d_in + bias]`
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,7 +85,8 @@ class ExactInfluence:
         assert isinstance(module, nn.Linear)
         w = module.weight.detach()
         if layer.bias:
-            w = torch.cat([w, module.bias.detach()[:, None]], dim=1)  # type: ignore[union-attr]
+            assert module.bias is not None
+            w = torch.cat([w, module.bias.detach()[:, None]], dim=1)
         return w.reshape(-1)
 
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -182,7 +182,9 @@ class Featurizer:
         """Query vectors: raw gradients scaled so one inner product is the ensemble mean."""
         return self.raw(payloads) / self.groups
 
-    def fisher(self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1) -> torch.Tensor:
+    def fisher(
+        self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1
+    ) -> torch.Tensor:
         """Rows ``r`` with ``F̃ = (1/n) Σ r rᵀ`` over the ``n`` examples, ``[R·B, dim]``.
 
         Args:
@@ -239,7 +241,9 @@ class Featurizer:
 
     # ------------------------------------------------------------ engines
 
-    def _run(self, payloads: Sequence[dict[str, Any]], passes: Sequence[_Pass]) -> list[torch.Tensor]:
+    def _run(
+        self, payloads: Sequence[dict[str, Any]], passes: Sequence[_Pass]
+    ) -> list[torch.Tensor]:
         """One ``[B, dim]`` tensor per (pass, head), each the concatenation of every group."""
         batch = self.collate(payloads)
         b = len(payloads)

@@ -147,7 +147,7 @@ class Preconditioner:
     ) -> None:
         self.shape = shape
         self.dim = dim
-        self.ranges = [tuple(r) for r in ranges]
+        self.ranges: list[tuple[int, int]] = [(int(lo), int(hi)) for lo, hi in ranges]
         self.fishers = [f.to(torch.float64) for f in fishers]
         self.damping = float(damping)
         self.count = count
@@ -183,16 +183,17 @@ class Preconditioner:
 
     def save(self, path: str | Path) -> None:
         """Write the Fisher blocks and settings to one ``.npz`` file."""
-        arrays = {f"fisher_{i}": f.numpy() for i, f in enumerate(self.fishers)}
-        np.savez(
-            path,
+        arrays: dict[str, np.ndarray] = {
+            f"fisher_{i}": f.numpy() for i, f in enumerate(self.fishers)
+        }
+        arrays.update(
             shape=np.array(self.shape),
             dim=np.array(self.dim),
             ranges=np.array(self.ranges, dtype=np.int64).reshape(-1, 2),
             damping=np.array(self.damping),
             count=np.array(self.count),
-            **arrays,
         )
+        np.savez(path, allow_pickle=False, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Preconditioner:

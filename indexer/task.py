@@ -12,7 +12,7 @@ import inspect
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -118,7 +118,9 @@ def load_task(spec: str, **kwargs: Any) -> Task:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise TaskError(f"cannot import module {target!r} of task spec {spec!r}: {exc}") from exc
+            raise TaskError(
+                f"cannot import module {target!r} of task spec {spec!r}: {exc}"
+            ) from exc
     cls = getattr(module, name, None)
     if cls is None:
         raise TaskError(f"module {target!r} has no attribute {name!r} (task spec {spec!r})")
@@ -128,7 +130,8 @@ def load_task(spec: str, **kwargs: Any) -> Task:
     if missing:
         raise TaskError(f"task class {spec!r} lacks required methods: {', '.join(missing)}")
     try:
-        return cls(**kwargs)  # type: ignore[no-any-return]
+        task = cast(Task, cls(**kwargs))
+        return task
     except TypeError as exc:
         raise TaskError(f"task {spec!r} rejected its arguments {kwargs!r}: {exc}") from exc
 
