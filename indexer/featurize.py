@@ -11,6 +11,7 @@ the ensemble mean of the per-group scores (DESIGN §1).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -106,11 +107,16 @@ class Featurizer:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.checkpoints = task_checkpoints(task)
         self.models: list[nn.Module] = []
         self.modules: list[dict[str, nn.Module]] = []
         for checkpoint in self.checkpoints:
-            model = load_model(task, checkpoint).to(self.device)
+            model = load_model(task, checkpoint)
+            if any(p.device != self.device for p in model.parameters()):
+                # a copy: the task may cache its model, and other users expect it where it was
+                model = copy.deepcopy(model).to(self.device)
             self.models.append(model)
             self.modules.append(attributed_modules(task, model))
         self.layers: list[Layer] = describe_layers(self.modules[0])

@@ -1,0 +1,208 @@
+"""Featurize throughput: every compressor side by side with a plain training step.
+
+Measured in one run, on the same model and the same batch: examples per second of a plain
+forward+backward training step (weight gradients computed), and of `factorized-dropout`,
+`dropout`, `dropout-sjlt` and `gaussian` at k = 4096 and k = 16384, each as a ratio to the
+training step. Two models: an MLP of 1.3M parameters over vectors, and a transformer block over
+token sequences ``[B, T, D]``.
+
+    python bench/featurize.py [--device cuda] [--quick] [--out bench/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer import CompressionConfig, Featurizer  # noqa: E402
+
+COMPRESSORS = ["factorized-dropout", "dropout", "dropout-sjlt", "gaussian"]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block built from nn.Linear layers, then a classifier head."""
+
+    def __init__(self, d: int = 256, heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        shape = (b, t, self.heads, d // self.heads)
+        q, k, v = (z.reshape(shape).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(dim=1))
+
+
+class TensorTask:
+    """Payloads are row indices into tensors already in memory, so collate costs nothing and
+    only gradient work is timed."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._model, self.x, self.y = model, x, y
+
+    def model(self) -> nn.Module:
+        return self._model
+
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(str(i), {"i": i}) for i in range(len(self.x))]
+
+    def collate(self, payloads: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor([p["i"] for p in payloads])
+        return self.x[idx], self.y[idx]
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, budget_s: float) -> float:
+    """Median seconds per call after one warm-up, stopping early past ``budget_s``."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def measure(
+    name: str, task: TensorTask, batch: int, dims: list[int], device: torch.device,
+    repeats: int, budget_s: float,
+) -> list[dict[str, Any]]:
+    model = task.model().to(device)
+    task.x, task.y = task.x.to(device), task.y.to(device)
+    payloads = [p for _, p in task.examples()][:batch]
+    params = sum(p.numel() for p in model.parameters())
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        task.loss(model, task.collate(payloads)).sum().backward()
+
+    base = timed(train_step, device, repeats, budget_s)
+    model.zero_grad(set_to_none=True)
+    rows = [{"model": name, "params": params, "method": "training step", "k": "-",
+             "examples_per_s": batch / base, "ratio": 1.0}]
+    print(f"{name}: training step {batch / base:,.0f} ex/s", flush=True)
+    for k in dims:
+        for comp in COMPRESSORS:
+            cfg = CompressionConfig(compressor=comp, dim=k, batch_size=batch)
+            feat = Featurizer(task, cfg, device=device)
+            reps = 1 if comp == "gaussian" else repeats
+            sec = timed(lambda f=feat: f.raw(payloads), device, reps, budget_s)
+            rows.append({"model": name, "params": params, "method": comp, "k": feat.dim,
+                         "examples_per_s": batch / sec, "ratio": base / sec})
+            print(f"{name}: {comp:18s} k={feat.dim:6d} {batch / sec:10,.1f} ex/s "
+                  f"({base / sec:.2f}× training step)", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], device: str) -> str:
+    lines = [f"Device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+             "", "| model | params | method | k | examples/s | × training step |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['method']} | {r['k']} | "
+                     f"{r['examples_per_s']:,.1f} | {r['ratio']:.2f} |")
+    lines.append("")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {(r["method"], r["k"]): r for r in rows if r["model"] == model}
+        for k in sorted({r["k"] for r in rows if r["model"] == model and r["k"] != "-"}):
+            fd, ga = by.get(("factorized-dropout", k)), by.get(("gaussian", k))
+            if fd and ga:
+                lines.append(f"- {model}, k={k}: factorized-dropout is "
+                             f"{fd['examples_per_s'] / ga['examples_per_s']:.0f}× gaussian and "
+                             f"{fd['ratio']:.2f}× the training step.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        sub = [r for r in rows if r["model"] == model]
+        labels = [r["method"] if r["k"] == "-" else f"{r['method']}\nk={r['k']}" for r in sub]
+        ax.barh(labels, [r["ratio"] for r in sub], color=[
+            "grey" if r["k"] == "-" else "C0" if r["method"].startswith("factorized") else "C1"
+            for r in sub])
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("throughput / training step (log)")
+        ax.set_title(model)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller models, k=4096 only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    hidden = (256, 128) if args.quick else (1024, 512)
+    mlp = nn.Sequential(nn.Linear(784, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], hidden[1]),
+                        nn.ReLU(), nn.Linear(hidden[1], 10))
+    seq_len, d = (16, 64) if args.quick else (64, 256)
+    batch_mlp, batch_seq = (64, 16) if device.type == "cpu" else (512, 128)
+    dims = [4096] if args.quick else [4096, 16384]
+    budget = 10.0 if device.type == "cpu" else 5.0
+    tasks = [
+        (f"MLP 784-{hidden[0]}-{hidden[1]}-10", TensorTask(
+            mlp, torch.rand(batch_mlp, 784), torch.randint(0, 10, (batch_mlp,))), batch_mlp),
+        (f"transformer block d={d}, T={seq_len}", TensorTask(
+            Block(d), torch.randn(batch_seq, seq_len, d), torch.randint(0, 10, (batch_seq,))),
+         batch_seq),
+    ]
+    rows = []
+    for name, task, batch in tasks:
+        rows.extend(measure(name, task, batch, dims, device, args.repeats, budget))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, str(device))
+    print("\n" + table)
+    (args.out / f"featurize-{device.type}.md").write_text(table)
+    (args.out / f"featurize-{device.type}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, args.out / f"featurize-{device.type}.png")
+    print(f"wrote {args.out}/featurize-{device.type}.{{md,json,png}}")
+    assert all(math.isfinite(r["examples_per_s"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
