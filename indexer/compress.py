@@ -150,28 +150,66 @@ def _require_linear(layers: Sequence[Layer], compressor: str) -> None:
             )
 
 
+class _OnDevice:
+    """Copies of a compressor's index tensors per device, made once instead of every call."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def get(self, key: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        found = self._cache.get((key, device))
+        if found is None:
+            found = self._cache[(key, device)] = tensor.to(device)
+        return found
+
+
+@dataclass(frozen=True)
+class _FactorPlan:
+    """What one layer's factorized mask selects, decided once at construction."""
+
+    rows: torch.Tensor
+    in_cols: torch.Tensor
+    bias_col: bool
+    full_rows: bool
+    full_in: bool
+
+
+def _factor_plan(layer: Layer, rows: torch.Tensor, cols: torch.Tensor) -> _FactorPlan:
+    in_cols = cols[cols < layer.d_in]
+    return _FactorPlan(
+        rows=rows,
+        in_cols=in_cols,
+        bias_col=layer.bias and bool((cols == layer.d_in).any()),
+        full_rows=len(rows) == layer.rows,
+        full_in=len(in_cols) == layer.d_in,
+    )
+
+
 def _factorized_block(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     layer: Layer,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
+    plan: _FactorPlan,
+    on_device: _OnDevice,
 ) -> torch.Tensor:
-    """``Σ_t δ_t[rows] x1_t[cols]ᵀ`` per example, flattened: ``[B, len(rows)·len(cols)]``.
+    """``Σ_t δ_t[rows] x1_t[cols]ᵀ`` per example, flattened: ``[B, k_out·k_in]``.
 
     ``x1`` is the input with a constant 1 appended for the bias; the bias column is drawn
     like any other input column.
     """
-    full_rows = len(rows) == layer.rows
-    in_cols = cols[cols < layer.d_in]
-    bias_col = layer.bias and bool((cols == layer.d_in).any())
-    full_in = len(in_cols) == layer.d_in
     out: torch.Tensor | None = None
     for x, delta in pairs:
-        d = delta if full_rows else delta.index_select(-1, rows.to(delta.device))
-        xs = x if full_in else x.index_select(-1, in_cols.to(x.device))
-        if bias_col:
+        dev = delta.device
+        d = delta if plan.full_rows else delta.index_select(
+            -1, on_device.get(layer.name + ":rows", plan.rows, dev))
+        xs = x if plan.full_in else x.index_select(
+            -1, on_device.get(layer.name + ":cols", plan.in_cols, dev))
+        xs = xs.to(d.dtype)
+        if plan.bias_col:
             xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)
-        term = torch.bmm(d.transpose(1, 2), xs.to(d.dtype))  # [B, k_out, k_in]
+        if d.shape[1] == 1:  # one token: an outer product, cheaper than a batched matmul
+            term = d[:, 0, :, None] * xs[:, 0, None, :]
+        else:
+            term = torch.bmm(d.transpose(1, 2), xs)  # [B, k_out, k_in]
         out = term if out is None else out + term
     if out is None:
         raise TaskError(f"layer {layer.name!r} was never called by the task's loss")
@@ -202,11 +240,15 @@ class FactorizedDropoutCompressor(Compressor):
         _require_linear(layers, self.name)
         self.rows: dict[str, torch.Tensor] = {}
         self.cols: dict[str, torch.Tensor] = {}
+        self._plans: dict[str, _FactorPlan] = {}
+        self._on_device = _OnDevice()
         for layer in self.layers:
             k_out, k_in = split_keep(layer.rows, layer.cols, keep)
             gen = self._gen(layer, "factorized")
             self.rows[layer.name] = sample_indices(layer.rows, k_out, gen)
             self.cols[layer.name] = sample_indices(layer.cols, k_in, gen)
+            self._plans[layer.name] = _factor_plan(layer, self.rows[layer.name],
+                                                   self.cols[layer.name])
             self.blocks.append((layer.name, k_out * k_in))
 
     def coordinates(self, layer: str) -> torch.Tensor:
@@ -216,7 +258,7 @@ class FactorizedDropoutCompressor(Compressor):
 
     def from_captures(self, captures: Captures) -> list[torch.Tensor]:
         return [
-            _factorized_block(captures[ly.name], ly, self.rows[ly.name], self.cols[ly.name])
+            _factorized_block(captures[ly.name], ly, self._plans[ly.name], self._on_device)
             for ly in self.layers
         ]
 
@@ -243,6 +285,7 @@ class DropoutCompressor(Compressor):
         coordinates: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__(layers, keep, config, checkpoint=checkpoint, mask=mask)
+        self._on_device = _OnDevice()
         self.coords: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             if coordinates is not None:
@@ -254,7 +297,8 @@ class DropoutCompressor(Compressor):
 
     def from_gradients(self, grads: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         return [
-            grads[ly.name].index_select(1, self.coords[ly.name].to(grads[ly.name].device))
+            grads[ly.name].index_select(
+                1, self._on_device.get(ly.name, self.coords[ly.name], grads[ly.name].device))
             for ly in self.layers
         ]
 
@@ -297,9 +341,10 @@ class SjltCompressor(FactorizedDropoutCompressor):
         wide = super().from_captures(captures)
         out = []
         for (name, k), v in zip(self.blocks, wide, strict=True):
-            signs = self.signs[name].to(device=v.device, dtype=v.dtype)
+            signs = self._on_device.get(name + ":signs", self.signs[name], v.device)
+            buckets = self._on_device.get(name + ":buckets", self.buckets[name], v.device)
             folded = v.new_zeros(v.shape[0], k)
-            folded.index_add_(1, self.buckets[name].to(v.device), v * signs)
+            folded.index_add_(1, buckets, v * signs.to(v.dtype))
             out.append(folded)
         return out
 

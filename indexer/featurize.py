@@ -11,6 +11,7 @@ the ensemble mean of the per-group scores (DESIGN §1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -67,7 +68,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
 
 
-def _check_per_example(values: torch.Tensor, b: int, what: str) -> None:
+def _check_per_example(values: torch.Tensor, b: int, what: str, finite: bool = True) -> None:
+    """Shape ``[B, ...]``, and (one device sync) every value finite."""
     if not isinstance(values, torch.Tensor):
         raise TaskError(f"{what} must return a tensor, got {type(values).__name__}")
     if values.dim() == 0 or values.shape[0] != b:
@@ -75,6 +77,8 @@ def _check_per_example(values: torch.Tensor, b: int, what: str) -> None:
             f"{what} must return one value per example, shape [{b}, ...], got "
             f"{tuple(values.shape)}; return per-example losses (reduction='none'), not their mean"
         )
+    if not finite:
+        return
     bad = ~torch.isfinite(values.detach().reshape(b, -1)).all(dim=1)
     if bool(bad.any()):
         positions = bad.nonzero().flatten().tolist()
@@ -257,8 +261,9 @@ class Featurizer:
         for c, (model, modules) in enumerate(zip(self.models, self.modules, strict=True)):
             head_blocks: list[list[torch.Tensor]] = []
             for p in passes:
-                with torch.random.fork_rng(devices=self._rng_devices()):
-                    if p.rng_seed is not None:
+                with contextlib.ExitStack() as stack:
+                    if p.rng_seed is not None:  # sampled targets: reproducible, RNG untouched
+                        stack.enter_context(torch.random.fork_rng(devices=self._rng_devices()))
                         torch.manual_seed(p.rng_seed + 7919 * c)
                     if self.compressors[c][0].uses_hooks:
                         outs = self._hooked(model, c, modules, batch, b, p)
@@ -288,7 +293,7 @@ class Featurizer:
             graph = cap.graph_outputs()
             for i, head in enumerate(p.heads):
                 values = head(out)
-                _check_per_example(values, b, "task.loss")
+                _check_per_example(values, b, "task.loss", finite=False)
                 grads = torch.autograd.grad(
                     values.sum(), graph, retain_graph=i + 1 < len(p.heads), allow_unused=True
                 )

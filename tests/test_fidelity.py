@@ -53,7 +53,7 @@ def _lds(task, ground_truth, scores) -> float:
 
 def _index(task, keep: float, masks: int = 1, **pcfg) -> InMemoryIndex:
     return InMemoryIndex.fit(task, CompressionConfig(keep=keep, masks=masks),
-                             PreconditionerConfig(**pcfg))
+                             PreconditionerConfig(**pcfg), device="cpu")
 
 
 def test_lds_of_exact_and_approximate_influence(logreg_task, ground_truth) -> None:

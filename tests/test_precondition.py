@@ -36,8 +36,7 @@ def test_full_expected_fisher_reproduces_exact_gauss_newton(request, task_name: 
     index = InMemoryIndex.fit(
         task, CompressionConfig(keep=1.0),
         PreconditionerConfig(shape="full", fisher="expected", damping=1e-4),
-        examples=list(task.examples())[:300],
-    )
+        examples=list(task.examples())[:300], device="cpu")
     lam = index.preconditioner.lambdas[0]
     exact = ExactInfluence(task, train, curvature="ggn", damping=lam)
     torch.testing.assert_close(index.preconditioner.fishers[0], exact.curvature
@@ -68,9 +67,10 @@ def test_exact_hessian_differs_from_gauss_newton_for_an_mlp(mlp_task) -> None:
 def test_streaming_accumulation_does_not_depend_on_batch_size(mlp_task) -> None:
     pairs = list(mlp_task.examples())[:90]
     cfg = PreconditionerConfig(shape="block", fisher="expected")
-    a = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=7), cfg, examples=pairs)
+    a = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=7), cfg,
+                          examples=pairs, device="cpu")
     b = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=90), cfg,
-                          examples=pairs)
+                          examples=pairs, device="cpu")
     for fa, fb in zip(a.preconditioner.fishers, b.preconditioner.fishers, strict=True):
         torch.testing.assert_close(fa, fb, atol=1e-9, rtol=1e-6)
     torch.testing.assert_close(a.vectors, b.vectors, atol=1e-5, rtol=1e-4)
@@ -90,7 +90,8 @@ def test_block_shape_has_one_matrix_per_layer_and_group(mlp_task) -> None:
 def test_identity_shape_is_the_gradient_dot_product(mlp_task) -> None:
     pairs = list(mlp_task.examples())[:40]
     index = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.5, masks=2),
-                              PreconditionerConfig(shape="identity"), examples=pairs)
+                              PreconditionerConfig(shape="identity"), examples=pairs,
+                              device="cpu")
     queries = mlp_task.test_payloads(5)
     expected = index.featurizer.raw(queries) @ index.raw.T / 2
     torch.testing.assert_close(index.scores(queries), expected, atol=1e-6, rtol=1e-5)
@@ -101,7 +102,7 @@ def test_masks_fold_into_the_mean_of_per_mask_scores(mlp_task) -> None:
     queries = mlp_task.test_payloads(4)
     pcfg = PreconditionerConfig(shape="block", fisher="empirical")
     ensemble = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.2, masks=3), pcfg,
-                                 examples=pairs)
+                                 examples=pairs, device="cpu")
     per_mask = []
     for m, comp in enumerate(ensemble.featurizer.compressors[0]):
         feat = Featurizer(mlp_task, CompressionConfig(keep=0.2), device="cpu",
@@ -116,14 +117,16 @@ def test_masks_fold_into_the_mean_of_per_mask_scores(mlp_task) -> None:
 def test_save_load_and_refit_with_another_damping(mlp_task, tmp_path: Path) -> None:
     pairs = list(mlp_task.examples())[:50]
     index = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3),
-                              PreconditionerConfig(damping=0.1), examples=pairs)
+                              PreconditionerConfig(damping=0.1), examples=pairs,
+                              device="cpu")
     path = tmp_path / "fisher.npz"
     index.preconditioner.save(path)
     loaded = Preconditioner.load(path)
     torch.testing.assert_close(loaded.apply(index.raw), index.vectors)
     redamped = index.with_damping(1.0)
     fresh = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3),
-                              PreconditionerConfig(damping=1.0), examples=pairs)
+                              PreconditionerConfig(damping=1.0), examples=pairs,
+                              device="cpu")
     torch.testing.assert_close(redamped.vectors, fresh.vectors, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(redamped.vectors, index.vectors)
 
