@@ -96,6 +96,8 @@ class Featurizer:
         task: the task to featurize.
         config: compression settings; masks derive from its seed alone.
         device: where gradients are computed (default: cuda when available, else cpu).
+        compressors: ready-made compressors ``[checkpoint][mask]`` instead of drawing them from
+            ``config`` (a test hands the flat path the factorized path's coordinates this way).
     """
 
     def __init__(
