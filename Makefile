@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first and pinned: the project's own `torch>=` range then installs nothing more.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[test,faiss,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -3,6 +3,19 @@
 The public surface is :data:`__all__`; everything else is internal and may change.
 """
 
+from .build import (
+    BuildConfig,
+    build,
+    delete_index,
+    example_metadata,
+    finalize,
+    index_info,
+    list_indexes,
+    parse_shard,
+    refinalize,
+    shard_from_env,
+    stage,
+)
 from .compress import (
     COMPRESSORS,
     Compressor,
@@ -15,7 +28,15 @@ from .compress import (
     register_compressor,
 )
 from .config import CompressionConfig, PreconditionerConfig
-from .errors import ConfigError, GradindexError, IndexNotFound, NonFiniteLoss, TaskError
+from .errors import (
+    ConfigError,
+    ExampleNotFound,
+    GradindexError,
+    IndexNotFound,
+    NonFiniteLoss,
+    StorageError,
+    TaskError,
+)
 from .evaluate import lds, random_subsets, retrain_losses, topk_overlap
 from .exact import ExactInfluence
 from .featurize import Block, Featurizer, featurize
@@ -31,6 +52,10 @@ from .precondition import (
     register_shape,
     self_influence,
 )
+from .reader import Hit, Index, check_index, open_index
+from .settings import Settings
+from .staging import ChunkWriter, StagedWindow, Staging
+from .store import FaissConfig, load_manifest, save_manifest
 from .task import Task, TaskSpec, attributed_modules, load_task, task_checkpoints
 
 __version__ = "0.1.0"
@@ -40,42 +65,66 @@ __all__ = [
     "FISHER_KINDS",
     "SHAPES",
     "Block",
+    "BuildConfig",
+    "ChunkWriter",
     "CompressionConfig",
     "Compressor",
     "ConfigError",
     "DropoutCompressor",
     "ExactInfluence",
+    "ExampleNotFound",
     "FactorizedDropoutCompressor",
+    "FaissConfig",
     "Featurizer",
     "FisherAccumulator",
     "GaussianCompressor",
     "GradindexError",
+    "Hit",
     "InMemoryIndex",
+    "Index",
     "IndexNotFound",
     "Layer",
     "LayerCapture",
     "NonFiniteLoss",
     "Preconditioner",
     "PreconditionerConfig",
+    "Settings",
     "Shape",
     "SjltCompressor",
+    "StagedWindow",
+    "Staging",
+    "StorageError",
     "Task",
     "TaskError",
     "TaskSpec",
     "__version__",
     "attributed_modules",
+    "build",
+    "check_index",
+    "delete_index",
     "describe_layers",
+    "example_metadata",
     "featurize",
+    "finalize",
+    "index_info",
     "lds",
+    "list_indexes",
+    "load_manifest",
     "load_task",
     "mask_generator",
+    "open_index",
+    "parse_shard",
     "random_subsets",
+    "refinalize",
     "register_compressor",
     "register_shape",
     "retrain_losses",
     "sample_indices",
+    "save_manifest",
     "self_influence",
+    "shard_from_env",
     "split_keep",
+    "stage",
     "task_checkpoints",
     "topk_overlap",
 ]

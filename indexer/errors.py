@@ -4,9 +4,11 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ExampleNotFound",
     "GradindexError",
     "IndexNotFound",
     "NonFiniteLoss",
+    "StorageError",
     "TaskError",
 ]
 
@@ -32,3 +34,14 @@ class IndexNotFound(GradindexError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "index not found"
+
+
+class ExampleNotFound(GradindexError, KeyError):
+    """No example with that id in the index (or it was deleted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "example not found"
+
+
+class StorageError(GradindexError):
+    """The database or the index files are unreachable, out of date or inconsistent."""

@@ -1,0 +1,246 @@
+"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, db upgrade.
+
+Errors a user can act on (unknown task, bad shard spec, unreachable database, unknown index)
+are printed as one line, without a traceback, and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .build import (
+    BuildConfig,
+    build,
+    delete_index,
+    finalize,
+    index_info,
+    list_indexes,
+    parse_shard,
+    refinalize,
+    shard_from_env,
+)
+from .config import CompressionConfig, PreconditionerConfig
+from .errors import GradindexError
+from .settings import Settings
+from .store import FaissConfig, downgrade, upgrade
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="gradindex: a persistent gradient index for training-data attribution.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
+app.add_typer(db_app, name="db")
+
+err = Console(stderr=True)
+out = Console()
+T = TypeVar("T")
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except GradindexError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def parse_task_args(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; a value is JSON when it parses as JSON, else a string."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--task-arg must look like KEY=VALUE, got {item!r}")
+        try:
+            args[key] = json.loads(value)
+        except ValueError:
+            args[key] = value
+    return args
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    columns = (
+        TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    tasks: dict[str, TaskID] = {}
+    with Progress(*columns, console=err, transient=False) as bar:
+
+        def update(phase: str, done: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, rate="")
+            task_id = tasks[phase]
+            bar.update(task_id, completed=done, total=total)
+            speed = bar.tasks[task_id].speed
+            bar.update(task_id, rate=f"{speed:,.0f} ex/s" if speed else "")
+
+        yield update
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False
+          ) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True,
+    )
+    logging.getLogger("indexer").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.command("build")
+def build_cmd(
+    task: Annotated[str, typer.Option(help="Task spec: package.module:Name or file.py:Name.")],
+    name: Annotated[str, typer.Option(help="Index name.")],
+    task_arg: Annotated[list[str] | None, typer.Option(
+        help="Task constructor argument KEY=VALUE (JSON when it parses); repeatable.")] = None,
+    compressor: Annotated[str, typer.Option(help="Compressor.")] = "factorized-dropout",
+    keep: Annotated[float | None, typer.Option(help="Fraction of coordinates kept.")] = None,
+    dim: Annotated[int, typer.Option(help="Compressed size per mask (when --keep unset).")] = 4096,
+    masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of every mask.")] = 0,
+    fisher: Annotated[str, typer.Option(help="empirical | sampled | expected.")] = "empirical",
+    samples: Annotated[int, typer.Option(help="Targets per example (sampled Fisher).")] = 4,
+    shape: Annotated[str, typer.Option(help="block | full | identity.")] = "block",
+    damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = 32,
+    chunk_size: Annotated[int, typer.Option(help="Examples per staging chunk.")] = 1024,
+    window: Annotated[int, typer.Option(help="Examples per finalize step.")] = 4096,
+    faiss: Annotated[str, typer.Option(help="flat | hnsw | ivf.")] = "flat",
+    fp16: Annotated[bool, typer.Option(help="Store FAISS codes as float16.")] = False,
+    shard: Annotated[str | None, typer.Option(
+        help="i/n: stage only shard i of n (default: RANK/WORLD_SIZE under torchrun).")] = None,
+) -> None:
+    """Featurize a task's training examples and publish them as an index (resumable)."""
+
+    def make() -> BuildConfig:
+        i, n = parse_shard(shard) if shard is not None else (shard_from_env() or (0, 1))
+        return BuildConfig(
+            name=name, task=task, task_args=parse_task_args(task_arg or []),
+            compression=CompressionConfig(compressor=compressor, keep=keep, dim=dim,
+                                          masks=masks, seed=seed, batch_size=batch_size),
+            preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
+                                                damping=damping),
+            faiss=FaissConfig(kind=faiss, fp16=fp16), shard=i, shards=n,
+            chunk_size=chunk_size, window=window,
+        )
+
+    config = _run(make)
+    settings = Settings.from_env()
+    with _progress() as progress:
+        version = _run(lambda: build(config, settings, progress=progress))
+    if version is None:
+        err.print(f"shard {config.shard}/{config.shards} of {name!r} staged; when every shard "
+                  f"is, run `gradindex finalize {name}`")
+    else:
+        err.print(f"index {name!r} version {version} published")
+
+
+@app.command("finalize")
+def finalize_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+    """Merge every staged shard of an index, fit the preconditioner and publish."""
+    settings = Settings.from_env()
+    with _progress() as progress:
+        version = _run(lambda: finalize(settings, name, progress=progress))
+    err.print(f"index {name!r} version {version} published")
+
+
+@app.command("refinalize")
+def refinalize_cmd(
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    damping: Annotated[float | None, typer.Option(help="New damping.")] = None,
+    shape: Annotated[str | None, typer.Option(help="New preconditioner shape.")] = None,
+    fisher: Annotated[str | None, typer.Option(help="Must equal the staged Fisher.")] = None,
+    faiss: Annotated[str | None, typer.Option(help="New FAISS kind.")] = None,
+    fp16: Annotated[bool | None, typer.Option(help="FAISS codes as float16.")] = None,
+) -> None:
+    """Rebuild an index from its staged gradients (no model pass)."""
+    settings = Settings.from_env()
+
+    def run() -> int:
+        fcfg = None
+        if faiss is not None or fp16 is not None:
+            current = index_info(settings, name)["manifest"].get("faiss", {})
+            fcfg = FaissConfig.from_json({**current, **({"kind": faiss} if faiss else {}),
+                                          **({"fp16": fp16} if fp16 is not None else {})})
+        return refinalize(settings, name, damping=damping, shape=shape, fisher=fisher,
+                          faiss=fcfg, progress=progress)
+
+    with _progress() as progress:
+        version = _run(run)
+    err.print(f"index {name!r} version {version} published")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """The indexes, their current versions and sizes."""
+    rows = _run(lambda: list_indexes(Settings.from_env()))
+    table = Table("name", "version", "examples", "dim", "faiss", "preconditioner", "published")
+    for row in rows:
+        m = row["manifest"]
+        pre = m.get("preconditioner", {})
+        fa = m.get("faiss", {})
+        table.add_row(
+            row["name"], str(row["version"] or "-"), str(row["count"]), str(m.get("dim", "-")),
+            f"{fa.get('kind', '-')}{' fp16' if fa.get('fp16') else ''}",
+            f"{pre.get('shape', '-')}/{pre.get('fisher', '-')} λ={pre.get('damping', '-')}",
+            str(row["published_at"] or "-")[:19],
+        )
+    out.print(table)
+
+
+@app.command("info")
+def info_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+    """An index's manifest and counts, as JSON."""
+    row = _run(lambda: index_info(Settings.from_env(), name))
+    out.print_json(json.dumps(row, default=str))
+
+
+@app.command("delete")
+def delete_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+    """Delete an index: its versions, rows and staged gradients."""
+    _run(lambda: delete_index(Settings.from_env(), name))
+    err.print(f"index {name!r} deleted")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
+               ) -> None:
+    """Migrate the database schema up (default: to the latest)."""
+    _run(lambda: upgrade(Settings.from_env(), revision))
+    err.print(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "-1"
+                 ) -> None:
+    """Migrate the database schema down (default: one step)."""
+    _run(lambda: downgrade(Settings.from_env(), revision))
+    err.print(f"database at {revision}")
+
+
+def main() -> None:
+    """Entry point of the ``gradindex`` script."""
+    app(prog_name="gradindex")

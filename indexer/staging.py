@@ -1,0 +1,243 @@
+"""Staging: raw compressed gradients on disk, in chunks that are either whole or absent.
+
+A staging folder belongs to one (task, compression, Fisher kind, model fingerprint), named by
+its key, so changed settings never mix with old chunks. Each chunk is a folder written under a
+temporary name, fsync'ed and renamed, holding ``positions.npy`` (where its examples sit in
+``task.examples()``), ``raw.npy`` ``[B, dim]``, optionally ``fisher.npy`` ``[B, R, dim]`` and
+``records.jsonl`` (external id, payload, metadata). The chunks are the record of what is done:
+a build killed at any point loses at most the chunk it was writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GradindexError
+from .store.files import fsync_dir, fsync_file, write_atomic
+
+__all__ = ["ChunkWriter", "Staging", "StagedWindow"]
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "staging.json"
+_CHUNK = re.compile(r"s(\d+)of(\d+)-(\d+)")
+
+
+@dataclass(frozen=True)
+class StagedWindow:
+    """Consecutive positions ``[start, stop)`` read back from staging, in position order."""
+
+    start: int
+    stop: int
+    raw: np.ndarray
+    """``[W, dim]`` float32 raw compressed gradients."""
+    fisher: np.ndarray | None
+    """``[W, R, dim]`` float32 Fisher rows, when the Fisher kind is not ``empirical``."""
+    records: list[dict[str, Any]]
+    """Per example: ``{"id", "payload", "meta"}``."""
+
+
+class Staging:
+    """One staging folder: its settings (``staging.json``), chunks and shard markers.
+
+    Args:
+        root: the folder (``<data>/indexes/<name>/staging/<key>``).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.chunks_dir = self.root / "chunks"
+        self.shards_dir = self.root / "shards"
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    # ------------------------------------------------------------------ settings
+
+    def init(self, info: dict[str, Any]) -> None:
+        """Create the folder with its settings, or check they match the existing ones."""
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        path = self.root / INFO_NAME
+        if path.exists():
+            if self.info() != json.loads(json.dumps(info)):
+                raise GradindexError(
+                    f"staging folder {str(self.root)!r} holds different settings; delete it "
+                    "or build under another name"
+                )
+            return
+        write_atomic(path, json.dumps(info, indent=2, sort_keys=True).encode())
+
+    def info(self) -> dict[str, Any]:
+        path = self.root / INFO_NAME
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise GradindexError(f"cannot read staging settings {str(path)!r}: {exc}") from exc
+        return data
+
+    def exists(self) -> bool:
+        return (self.root / INFO_NAME).is_file()
+
+    # ------------------------------------------------------------------ chunks
+
+    def chunk_dirs(self) -> list[Path]:
+        """Complete chunks, by name (temporary folders start with a dot and are ignored)."""
+        if not self.chunks_dir.is_dir():
+            return []
+        return sorted(p for p in self.chunks_dir.iterdir() if _CHUNK.fullmatch(p.name))
+
+    def positions(self) -> np.ndarray:
+        """Every staged position, chunk by chunk (duplicates included, if any)."""
+        parts = [np.load(p / "positions.npy") for p in self.chunk_dirs()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def writer(self, shard: int, shards: int) -> ChunkWriter:
+        return ChunkWriter(self, shard, shards)
+
+    # ------------------------------------------------------------------ shards
+
+    def mark_shard_done(self, shard: int, shards: int, total: int) -> None:
+        """Record that shard ``shard``/``shards`` saw all ``total`` examples and staged its own."""
+        data = json.dumps({"shard": shard, "shards": shards, "total": total}).encode()
+        write_atomic(self.shards_dir / f"s{shard}of{shards}.json", data)
+
+    def total(self) -> int | None:
+        """How many examples the task has, once any shard has seen them all."""
+        totals = set()
+        if self.shards_dir.is_dir():
+            for p in self.shards_dir.glob("s*of*.json"):
+                totals.add(int(json.loads(p.read_text())["total"]))
+        if len(totals) > 1:
+            raise GradindexError(
+                f"shards of {str(self.root)!r} saw different example counts {sorted(totals)}: "
+                "the task's examples() changed between runs; delete the staging folder"
+            )
+        return totals.pop() if totals else None
+
+    def missing(self) -> int | None:
+        """Examples not staged yet (``None`` while the total is unknown)."""
+        total = self.total()
+        if total is None:
+            return None
+        return total - len(np.unique(self.positions()))
+
+    def complete(self) -> bool:
+        return self.missing() == 0
+
+    # ------------------------------------------------------------------ reading
+
+    def windows(self, window: int) -> Iterator[StagedWindow]:
+        """Every staged example in position order, ``window`` at a time, read by memory map.
+
+        The grouping depends only on ``window`` and the total, never on how the chunks were
+        split across shards or runs, so the Fisher sums come out the same bit for bit.
+        """
+        total = self.total()
+        if total is None or not self.complete():
+            raise GradindexError(
+                f"staging {str(self.root)!r} is incomplete ({self.missing()} examples missing); "
+                "finish every shard's build first"
+            )
+        chunks = self.chunk_dirs()
+        chunk_of = np.full(total, -1, dtype=np.int64)
+        row_of = np.full(total, -1, dtype=np.int64)
+        for c in range(len(chunks) - 1, -1, -1):  # the first chunk wins a duplicate
+            pos = np.load(chunks[c] / "positions.npy")
+            chunk_of[pos] = c
+            row_of[pos] = np.arange(len(pos))
+        cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]]
+        cache = OrderedDict()
+        keep = 4 * len({_CHUNK.fullmatch(p.name).group(1, 2) for p in chunks}) + 4  # type: ignore[union-attr]
+
+        def load(c: int) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]:
+            if c in cache:
+                cache.move_to_end(c)
+                return cache[c]
+            d = chunks[c]
+            raw = np.load(d / "raw.npy", mmap_mode="r")
+            fisher = np.load(d / "fisher.npy", mmap_mode="r") if (d / "fisher.npy").exists() \
+                else None
+            with open(d / "records.jsonl") as fh:
+                records = [json.loads(line) for line in fh]
+            cache[c] = (raw, fisher, records)
+            while len(cache) > keep:
+                cache.popitem(last=False)
+            return cache[c]
+
+        for lo in range(0, total, window):
+            hi = min(lo + window, total)
+            raws, fishers, records = [], [], []
+            for p in range(lo, hi):
+                raw, fisher, recs = load(int(chunk_of[p]))
+                r = int(row_of[p])
+                raws.append(raw[r])
+                if fisher is not None:
+                    fishers.append(fisher[r])
+                records.append(recs[r])
+            yield StagedWindow(
+                lo, hi, np.stack(raws).astype(np.float32),
+                np.stack(fishers).astype(np.float32) if fishers else None, records,
+            )
+
+
+class ChunkWriter:
+    """Writes one shard's chunks: each folder complete and durable before it becomes visible."""
+
+    def __init__(self, staging: Staging, shard: int, shards: int) -> None:
+        self.staging = staging
+        self.prefix = f"s{shard}of{shards}"
+        staging.chunks_dir.mkdir(parents=True, exist_ok=True)
+        # A killed run of this shard may have left a half-written folder; only this shard
+        # writes under its prefix (the caller holds the shard's lock).
+        for stale in staging.chunks_dir.glob(f".tmp-{self.prefix}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        seqs = [int(m.group(3)) for p in staging.chunk_dirs()
+                if (m := _CHUNK.fullmatch(p.name)) and p.name.startswith(self.prefix + "-")]
+        self.next_seq = max(seqs, default=-1) + 1
+
+    def write(
+        self,
+        positions: Sequence[int],
+        raw: np.ndarray,
+        records: Sequence[dict[str, Any]],
+        fisher: np.ndarray | None = None,
+    ) -> Path:
+        """Stage one chunk; returns its folder."""
+        n = len(positions)
+        if raw.shape[0] != n or len(records) != n or (fisher is not None and fisher.shape[0] != n):
+            raise GradindexError(
+                f"chunk parts disagree: {n} positions, raw {raw.shape}, {len(records)} records, "
+                f"fisher {None if fisher is None else fisher.shape}"
+            )
+        name = f"{self.prefix}-{self.next_seq:06d}"
+        tmp = self.staging.chunks_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.save(tmp / "positions.npy", np.asarray(positions, dtype=np.int64))
+        np.save(tmp / "raw.npy", np.ascontiguousarray(raw, dtype=np.float32))
+        if fisher is not None:
+            np.save(tmp / "fisher.npy", np.ascontiguousarray(fisher, dtype=np.float32))
+        with open(tmp / "records.jsonl", "w") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            fsync_file(f)
+        fsync_dir(tmp)
+        final = self.staging.chunks_dir / name
+        os.rename(tmp, final)
+        fsync_dir(self.staging.chunks_dir)
+        self.next_seq += 1
+        return final

@@ -1,0 +1,253 @@
+"""The persistent index against the in-memory reference, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from indexer import (
+    BuildConfig,
+    CompressionConfig,
+    ConfigError,
+    ExampleNotFound,
+    FaissConfig,
+    Featurizer,
+    IndexNotFound,
+    InMemoryIndex,
+    PreconditionerConfig,
+    Settings,
+    build,
+    delete_index,
+    index_info,
+    list_indexes,
+    open_index,
+    refinalize,
+)
+from indexer.tasks import DigitsTask
+
+from .conftest import STORE_TASK, STORE_TASK_ARGS
+
+RTOL = 1e-4
+ATOL_REL = 1e-5
+"""Score tolerance, relative to the largest score magnitude of the query."""
+K = 10
+BATCH = 16
+QUERIES = 12
+
+
+@pytest.fixture(scope="module")
+def featurizer(store_task: DigitsTask) -> Featurizer:
+    return Featurizer(store_task, CompressionConfig(batch_size=BATCH))
+
+
+@pytest.fixture(scope="module")
+def reference(store_task: DigitsTask, featurizer: Featurizer) -> InMemoryIndex:
+    return InMemoryIndex.fit(store_task, featurizer.config, PreconditionerConfig(),
+                             featurizer=featurizer)
+
+
+@pytest.fixture(scope="module")
+def queries(store_task: DigitsTask, featurizer: Featurizer) -> torch.Tensor:
+    return featurizer.query(store_task.test_payloads(QUERIES))
+
+
+def make_config(name: str = "digits", **kwargs: object) -> BuildConfig:
+    base: dict[str, object] = {
+        "name": name, "task": STORE_TASK, "task_args": dict(STORE_TASK_ARGS),
+        "compression": CompressionConfig(batch_size=BATCH), "chunk_size": 64, "window": 128,
+    }
+    base.update(kwargs)
+    return BuildConfig(**base)  # type: ignore[arg-type]
+
+
+def assert_topk(hits: Sequence[object], ref_scores: np.ndarray, ids: list[str], k: int,
+                sign: float = 1.0, allowed: np.ndarray | None = None) -> None:
+    """Hits are the true top-k of ``sign · ref_scores`` (over ``allowed``) with exact scores."""
+    scale = float(np.abs(ref_scores).max())
+    by_id = dict(zip(ids, ref_scores, strict=True))
+    mask = np.ones(len(ids), bool) if allowed is None else allowed
+    expected = np.sort(sign * ref_scores[mask])[::-1][:k] * sign
+    got = np.array([h.score for h in hits])  # type: ignore[attr-defined]
+    assert len(hits) == min(k, int(mask.sum()))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL_REL * scale)
+    for h in hits:
+        np.testing.assert_allclose(h.score, by_id[h.external_id],  # type: ignore[attr-defined]
+                                   rtol=RTOL, atol=ATOL_REL * scale)
+
+
+def test_search_matches_in_memory(
+    settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor
+) -> None:
+    version = build(make_config(), settings, featurizer=featurizer)
+    assert version is not None
+    index = open_index("digits", settings)
+    assert index.count == len(reference.ids) and index.dim == featurizer.dim
+    ref = (queries @ reference.vectors.T).numpy()
+    for direction, sign in (("proponents", 1.0), ("opponents", -1.0)):
+        results = index.search(queries, K, direction=direction)
+        assert len(results) == QUERIES
+        for q, hits in enumerate(results):
+            assert_topk(hits, ref[q], reference.ids, K, sign)
+    ids, scores = index.scores(queries)
+    assert ids == reference.ids
+    np.testing.assert_allclose(scores, ref, rtol=RTOL, atol=ATOL_REL * np.abs(ref).max())
+    names, some = index.scores(queries[:2], ids=["train-7", "train-3"])
+    np.testing.assert_allclose(some, ref[:2, [7, 3]], rtol=RTOL, atol=1e-6)
+    mean = index.select(queries, K)
+    assert_topk(mean, ref.mean(axis=0), reference.ids, K)
+    top = index.self_influence(5)
+    expected_si = np.sort(reference.self_influence.numpy())[::-1][:5]
+    np.testing.assert_allclose([h.score for h in top], expected_si, rtol=RTOL)
+    assert index.example("train-5").payload == featurizer.task.payload(5)  # type: ignore[attr-defined]
+    assert index.example("train-5").meta == {"label": int(featurizer.task.y[5])}  # type: ignore[attr-defined]
+
+
+def test_filter_delete_and_refinalize(
+    settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor,
+    store_task: DigitsTask,
+) -> None:
+    build(make_config(), settings, featurizer=featurizer)
+    index = open_index("digits", settings)
+    ref = (queries @ reference.vectors.T).numpy()
+    labels = store_task.y
+    for flt, allowed in (({"label": 3}, labels == 3), ({"label": [1, 2]}, np.isin(labels, [1, 2])),
+                         ({"label": 3, "missing": "x"}, np.zeros_like(labels, bool))):
+        for q, hits in enumerate(index.search(queries, K, filter=flt)):
+            assert all(h.meta["label"] in np.unique(labels[allowed]) for h in hits)
+            assert_topk(hits, ref[q], reference.ids, K, allowed=allowed)
+    with pytest.raises(ConfigError, match="filter"):
+        index.search(queries, K, filter={"label": {"nested": 1}})
+
+    top = index.search(queries[:1], 1)[0][0]
+    index.delete(top.external_id)
+    with pytest.raises(ExampleNotFound):
+        index.example(top.external_id)
+    with pytest.raises(ExampleNotFound):
+        index.scores(queries, ids=[top.external_id])
+    for flt in (None, {"label": top.meta["label"]}):
+        hits = index.search(queries, index.count, filter=flt)
+        assert all(h.external_id != top.external_id for row in hits for h in row)
+    assert all(h.external_id != top.external_id for h in index.self_influence(300))
+    assert len(index.scores(queries)[0]) == index.count - 1
+
+    # Refinalize: another damping gives the in-memory index's with_damping scores; the
+    # deletion carries over to the new version.
+    version = refinalize(settings, "digits", damping=0.5)
+    fresh = open_index("digits", settings)
+    assert fresh.version == version != index.version
+    assert fresh.manifest["preconditioner"]["damping"] == 0.5
+    ref5 = (queries @ reference.with_damping(0.5).vectors.T).numpy()
+    keep = np.array([i != top.external_id for i in reference.ids])
+    for q, hits in enumerate(fresh.search(queries, K)):
+        assert_topk(hits, ref5[q], reference.ids, K, allowed=keep)
+    with pytest.raises(ExampleNotFound):
+        fresh.example(top.external_id)
+    assert not index.is_current() and fresh.is_current()
+
+    with pytest.raises(ConfigError, match="staged with the 'empirical' Fisher"):
+        refinalize(settings, "digits", fisher="sampled")
+
+    full = InMemoryIndex.fit(store_task, featurizer.config, PreconditionerConfig(shape="full"),
+                             featurizer=featurizer)
+    refinalize(settings, "digits", shape="full", damping=0.1)
+    reff = (queries @ full.vectors.T).numpy()
+    for q, hits in enumerate(open_index("digits", settings).search(queries, K)):
+        assert_topk(hits, reff[q], reference.ids, K, allowed=keep)
+    # Retention: the current version and the one before it.
+    assert len(list((settings.index_dir("digits") / "versions").iterdir())) == 2
+
+
+def test_list_info_delete(settings: Settings, featurizer: Featurizer) -> None:
+    build(make_config("a"), settings, featurizer=featurizer)
+    build(make_config("b", faiss=FaissConfig(kind="hnsw", fp16=True)), settings,
+          featurizer=featurizer)
+    rows = {r["name"]: r for r in list_indexes(settings)}
+    assert set(rows) == {"a", "b"} and rows["a"]["count"] == 300
+    info = index_info(settings, "b")
+    faiss = info["manifest"]["faiss"]
+    assert faiss["kind"] == "hnsw" and faiss["fp16"] and 0.5 <= faiss["recall_at_10"] <= 1.0
+    assert info["manifest"]["model_fingerprint"] and info["manifest"]["libraries"]["faiss"]
+    delete_index(settings, "a")
+    assert [r["name"] for r in list_indexes(settings)] == ["b"]
+    assert not settings.index_dir("a").exists()
+    with pytest.raises(IndexNotFound):
+        open_index("a", settings)
+    with pytest.raises(IndexNotFound):
+        delete_index(settings, "a")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=False)
+@pytest.mark.parametrize("kind,fp16", [("hnsw", True), ("ivf", False), ("flat", True)])
+def test_approximate_index_returns_exact_scores(
+    settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor,
+    kind: str, fp16: bool,
+) -> None:
+    build(make_config(faiss=FaissConfig(kind=kind, fp16=fp16, nprobe=4)), settings,
+          featurizer=featurizer)
+    index = open_index("digits", settings)
+    assert 0.0 < index.manifest["faiss"]["recall_at_10_reranked"] <= 1.0
+    ref = (queries @ reference.vectors.T).numpy()
+    by_id = {i: n for n, i in enumerate(reference.ids)}
+    for q, hits in enumerate(index.search(queries, K)):
+        got = np.array([h.score for h in hits])
+        exact = ref[q, [by_id[h.external_id] for h in hits]]
+        np.testing.assert_allclose(got, exact, rtol=RTOL, atol=ATOL_REL * np.abs(ref[q]).max())
+        assert np.all(np.diff(got) <= 1e-6)
+        assert hits[0].external_id == reference.ids[int(np.argmax(ref[q]))]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=False)
+def test_expected_fisher_is_staged(
+    settings: Settings, featurizer: Featurizer, store_task: DigitsTask, queries: torch.Tensor,
+) -> None:
+    pcfg = PreconditionerConfig(fisher="expected")
+    build(make_config(preconditioner=pcfg), settings, featurizer=featurizer)
+    reference = InMemoryIndex.fit(store_task, featurizer.config, pcfg, featurizer=featurizer)
+    ref = (queries @ reference.vectors.T).numpy()
+    index = open_index("digits", settings)
+    for q, hits in enumerate(index.search(queries, K)):
+        assert_topk(hits, ref[q], reference.ids, K)
+    refinalize(settings, "digits", damping=1.0)  # no model pass: the Fisher rows are staged
+    ref1 = (queries @ reference.with_damping(1.0).vectors.T).numpy()
+    for q, hits in enumerate(open_index("digits", settings).search(queries, K)):
+        assert_topk(hits, ref1[q], reference.ids, K)
+
+
+def test_reader_sees_one_version_while_publishing(
+    settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor,
+) -> None:
+    """Open the index over and over while another thread publishes new versions."""
+    build(make_config(), settings, featurizer=featurizer)
+    dampings = [0.1, 1.0]
+    expected = {d: (queries[:2] @ reference.with_damping(d).vectors.T).numpy() for d in dampings}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        try:
+            for i in range(4):
+                refinalize(settings, "digits", damping=dampings[(i + 1) % 2])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    seen = set()
+    opened = 0
+    while not stop.is_set() or opened == 0:
+        index = open_index("digits", settings)  # checks FAISS ids against SQL rows
+        damping = index.manifest["preconditioner"]["damping"]
+        seen.add(index.version)
+        ref = expected[damping]
+        for q, hits in enumerate(index.search(queries[:2], 3)):
+            assert_topk(hits, ref[q], reference.ids, 3)
+        opened += 1
+    thread.join()
+    assert not errors, errors
+    assert opened >= 2 and len(seen) >= 1

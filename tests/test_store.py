@@ -1,0 +1,161 @@
+"""Storage pieces: migrations, manifest, settings, FAISS helpers and the consistency check."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from indexer import (
+    BuildConfig,
+    CompressionConfig,
+    ConfigError,
+    FaissConfig,
+    Featurizer,
+    PreconditionerConfig,
+    Settings,
+    StorageError,
+    build,
+    example_metadata,
+    load_manifest,
+    open_index,
+    parse_shard,
+    save_manifest,
+    shard_from_env,
+)
+from indexer.store import (
+    ExampleRow,
+    build_faiss,
+    connect,
+    downgrade,
+    exact_topk,
+    measure_recall,
+    search_faiss,
+    upgrade,
+)
+from indexer.store.db import dispose_engines, tables
+from indexer.tasks import DigitsTask
+
+from .conftest import STORE_TASK, STORE_TASK_ARGS
+
+TABLES = ["build_progress", "examples", "index_versions", "indexes"]
+
+
+@pytest.fixture()
+def empty_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings on a database with no table at all."""
+    url = None
+    if backend == "postgresql":
+        make: Callable[[], str] = request.getfixturevalue("pg_databases")
+        url = make()
+    return Settings(data_dir=tmp_path / "data", database_url=url)
+
+
+def test_migrations_upgrade_from_empty_and_downgrade_one_step(empty_settings: Settings) -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(empty_settings.url) if not empty_settings.is_sqlite else None
+    if engine is not None:
+        assert tables(engine) == []
+        with pytest.raises(StorageError, match="gradindex db upgrade"):
+            connect(empty_settings)  # PostgreSQL is never migrated behind the user's back
+    upgrade(empty_settings)
+    engine = engine or create_engine(empty_settings.url)
+    assert set(TABLES) <= set(tables(engine))
+    downgrade(empty_settings)
+    assert not set(TABLES) & set(tables(engine))
+    upgrade(empty_settings)
+    assert set(TABLES) <= set(tables(engine))
+    engine.dispose()
+    dispose_engines()
+
+
+def test_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "fresh")
+    engine = connect(settings)
+    assert (tmp_path / "fresh" / "gradindex.db").is_file()
+    assert set(TABLES) <= set(tables(engine))
+    dispose_engines()
+
+
+def test_manifest_round_trip_and_old_format(tmp_path: Path) -> None:
+    save_manifest(tmp_path, {"name": "x", "faiss": {"kind": "hnsw", "fp16": True}})
+    data = load_manifest(tmp_path)
+    assert data["format_version"] == 1 and data["faiss"]["kind"] == "hnsw"
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "old", "faiss_kind": "ivf"}))
+    old = load_manifest(tmp_path)
+    assert old["format_version"] == 1 and old["faiss"] == {"kind": "ivf", "fp16": False}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(Exception, match="upgrade gradindex"):
+        load_manifest(tmp_path)
+
+
+def test_settings_and_shards(tmp_path: Path) -> None:
+    s = Settings.from_env({"GRADINDEX_DATA_DIR": str(tmp_path)})
+    assert s.data_dir == tmp_path and s.url == f"sqlite:///{tmp_path}/gradindex.db"
+    assert Settings.from_env({}).data_dir == Path(".gradindex").absolute()
+    with pytest.raises(ConfigError, match="`database_url`"):
+        Settings(database_url="localhost")
+    with pytest.raises(ConfigError, match="`name`"):
+        s.index_dir("../x")
+    assert parse_shard("1/4") == (1, 4)
+    assert shard_from_env({"RANK": "3", "WORLD_SIZE": "4"}) == (3, 4)
+    assert shard_from_env({}) is None
+    with pytest.raises(ConfigError):
+        parse_shard("4/4")
+    with pytest.raises(ConfigError, match="`shard`"):
+        BuildConfig(name="x", task=STORE_TASK, shard=2, shards=2)
+
+
+def test_example_metadata() -> None:
+    class WithMeta:
+        def metadata(self, payload: dict[str, object]) -> dict[str, object]:
+            return {"source": payload["src"]}
+
+    assert example_metadata(WithMeta(), {"src": "wiki"}) == {"source": "wiki"}  # type: ignore[arg-type]
+    assert example_metadata(object(), {"x": [1], "y": 4}) == {"label": 4}  # type: ignore[arg-type]
+    assert example_metadata(object(), {"text": "a"}) == {}  # type: ignore[arg-type]
+
+
+def test_exact_topk_and_recall() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(2000, 32)).astype(np.float32)
+    ids = np.arange(100, 2100, dtype=np.int64)
+    q = rng.normal(size=(5, 32)).astype(np.float32)
+    scores, rows = exact_topk(vectors, None, q, 7, window=300)
+    truth = np.argsort(-(q @ vectors.T), axis=1)[:, :7]
+    np.testing.assert_array_equal(rows, truth)
+    sub = np.arange(0, 2000, 3)
+    _, rows = exact_topk(vectors, sub, q, 4, window=100)
+    np.testing.assert_array_equal(rows, sub[np.argsort(-(q @ vectors[sub].T), axis=1)[:, :4]])
+    flat = build_faiss(FaissConfig(), vectors, ids)
+    assert measure_recall(flat, FaissConfig(), vectors, ids)["recall_at_10"] == 1.0
+    cfg = FaissConfig(kind="hnsw", fp16=True)
+    hnsw = build_faiss(cfg, vectors, ids, window=500)
+    recall = measure_recall(hnsw, cfg, vectors, ids)
+    assert 0.5 < recall["recall_at_10"] <= recall["recall_at_10_reranked"] <= 1.0
+    _, got = search_faiss(flat, FaissConfig(), q, 3, include=ids[:10], exclude=ids[:2])
+    assert set(got.ravel()) <= set(ids[2:10].tolist())
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_open_refuses_an_index_whose_rows_and_faiss_disagree(
+    settings: Settings, store_task: DigitsTask
+) -> None:
+    feat = Featurizer(store_task, CompressionConfig(batch_size=64))
+    build(BuildConfig(name="digits", task=STORE_TASK, task_args=dict(STORE_TASK_ARGS),
+                      compression=feat.config,
+                      preconditioner=PreconditionerConfig(shape="identity")),
+          settings, featurizer=feat)
+    index = open_index("digits", settings)
+    assert index.featurizer.dim == index.dim  # rebuilt from the manifest, fingerprint checked
+    with Session(connect(settings)) as session, session.begin():
+        first = session.scalar(select(ExampleRow.id).order_by(ExampleRow.id).limit(1))
+        session.execute(delete(ExampleRow).where(ExampleRow.id == first))
+    with pytest.raises(StorageError, match="inconsistent"):
+        open_index("digits", settings)
