@@ -28,6 +28,7 @@ from .compress import (
     register_compressor,
 )
 from .config import CompressionConfig, PreconditionerConfig
+from .demo import prepare_demo
 from .errors import (
     ConfigError,
     ExampleNotFound,
@@ -105,6 +106,7 @@ __all__ = [
     "describe_layers",
     "example_metadata",
     "featurize",
+    "prepare_demo",
     "finalize",
     "index_info",
     "lds",

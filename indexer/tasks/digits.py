@@ -127,6 +127,10 @@ class DigitsTask(ArrayClassificationTask):
         count = len(self.x_test) if n is None else min(n, len(self.x_test))
         return [self.payload(i, self.x_test, self.y_test) for i in range(count)]
 
+    def queries(self) -> list[tuple[str, dict[str, Any]]]:
+        """Held-out digits as ``(id, payload)``: what a web page offers to query with."""
+        return [(f"test-{i}", p) for i, p in enumerate(self.test_payloads())]
+
     def render(self, payload: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "image", "shape": [8, 8], "pixels": payload.get("x"),
                 "label": payload.get("y")}
