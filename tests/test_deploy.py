@@ -1,0 +1,80 @@
+"""The deployment files: the Dockerfile and the compose files say what the README promises."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(
+        ["docker", "compose", "version"], capture_output=True
+    ).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"],
+                                   ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_compose_config_accepts_the_files(files: list[str]) -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed here "
+                    "(.ci/run installs Debian's docker-compose)")
+    args = [a for f in files for a in ("-f", str(ROOT / f))]
+    result = subprocess.run([*cli, *args, "config"], capture_output=True, text=True,
+                            cwd=ROOT, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "services:" in result.stdout
+
+
+def test_compose_services_health_checks_and_variables() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "api", "indexer"}
+
+    pg = services["postgres"]
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    assert any(v.startswith("pgdata:") for v in pg["volumes"])
+    assert "pgdata" in compose["volumes"] and "data" in compose["volumes"]
+
+    api = services["api"]
+    assert "/v1/health" in " ".join(api["healthcheck"]["test"])
+    assert "db upgrade" in " ".join(api["command"]) and "serve" in " ".join(api["command"])
+    assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
+    indexer = services["indexer"]
+    assert indexer["restart"] == "no" and "demo --build-only" in " ".join(indexer["command"])
+    for svc in (api, indexer):
+        env = svc["environment"]
+        assert env["GRADINDEX_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert env["GRADINDEX_DATA_DIR"] == "/data"
+        assert "data:/data" in svc["volumes"]
+        # configuration only through GRADINDEX_* variables
+        assert all(key.startswith("GRADINDEX_") for key in env)
+
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    for name in ("api", "indexer"):  # the services that compute gradients
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_dockerfile_is_slim_non_root_cpu_by_default() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", text, re.M)  # CPU torch by default
+    assert re.search(r"^USER gradindex$", text, re.M)
+    assert "useradd" in text and "HEALTHCHECK" in text and "/v1/health" in text
+    assert re.search(r"^ENV .*GRADINDEX_DATA_DIR=/data", text, re.M | re.S)
+    assert "COPY migrations" in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".gradindex" in ignored
