@@ -1,3 +1,55 @@
-"""gradindex's HTTP client (httpx and pydantic only). The endpoints arrive with the server."""
+"""gradindex's HTTP client: ``Client`` and ``AsyncClient`` (httpx and pydantic only).
 
-__all__: list[str] = []
+    from client import Client
+    with Client("http://127.0.0.1:8000", api_key="gik_...") as c:
+        top = c.influence("digits", [{"x": [...], "y": 3}], k=10, direction="both")
+        top.to_pandas()
+"""
+
+from ._client import DEFAULT_URL, AsyncClient, Client
+from ._errors import (
+    AuthenticationError,
+    BadRequest,
+    GradindexHTTPError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+)
+from ._models import (
+    Example,
+    Health,
+    IndexDetail,
+    IndexSummary,
+    InfluenceResponse,
+    InfluenceResult,
+    ScoresResponse,
+    SelectResponse,
+    SelfInfluencePage,
+    TrainingExample,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequest",
+    "Client",
+    "Example",
+    "GradindexHTTPError",
+    "Health",
+    "IndexDetail",
+    "IndexSummary",
+    "InfluenceResponse",
+    "InfluenceResult",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "ScoresResponse",
+    "SelectResponse",
+    "SelfInfluencePage",
+    "ServiceUnavailable",
+    "TrainingExample",
+]

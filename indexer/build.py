@@ -33,6 +33,7 @@ from .settings import Settings, check_name
 from .staging import Staging
 from .store import (
     FaissConfig,
+    ScaledRows,
     begin_version,
     build_faiss,
     connect,
@@ -50,6 +51,7 @@ from .store import (
     model_fingerprint,
     publish_version,
     record_progress,
+    relative_scale,
     save_manifest,
     write_atomic,
     write_faiss,
@@ -415,12 +417,14 @@ def finalize(
         vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32,
                                             shape=(total, dim))
         ids = np.zeros(total, dtype=np.int64)
+        influence = np.zeros(total, dtype=np.float64)
         steps = 0
         for w in staging.windows(window):
             raw = torch.from_numpy(w.raw)
             vec = precond.apply(raw)
             si = self_influence(raw / groups, vec).numpy()
             vectors[w.start : w.stop] = vec.numpy()
+            influence[w.start : w.stop] = si
             with engine.begin() as conn:
                 ids[w.start : w.stop] = insert_examples(
                     conn=conn, version_id=version_id, start=w.start, records=w.records,
@@ -433,6 +437,7 @@ def finalize(
         vectors.flush()
         del vectors
         np.save(tmp / "ids.npy", ids)
+        np.save(tmp / "self_influence.npy", influence)
         stored = np.load(tmp / "vectors.npy", mmap_mode="r")
 
         if progress is not None:
@@ -443,9 +448,19 @@ def finalize(
             {"recall_at_10": 1.0, "recall_at_10_reranked": 1.0} if fcfg.exact
             else measure_recall(index, fcfg, stored, ids, k=10)
         )
+        # Relative influence (§1): a second index over v_i / sqrt(self-influence_i), so its
+        # top-k is as exact as the first one's.
+        scale, eps = relative_scale(influence)
+        scaled = ScaledRows(stored, scale)
+        relative = build_faiss(fcfg, scaled, ids, seed=int(info["compression"]["seed"]))
+        write_faiss(relative, tmp / "relative.faiss")
+        relative_recall = (
+            {"recall_at_10": 1.0, "recall_at_10_reranked": 1.0} if fcfg.exact
+            else measure_recall(relative, fcfg, scaled, ids, k=10)
+        )
         if progress is not None:
             progress("faiss", total, total)
-        del stored, index
+        del stored, index, relative, scaled
 
         manifest = {
             "name": name,
@@ -459,6 +474,7 @@ def finalize(
             "model_fingerprint": info["model_fingerprint"],
             "preconditioner": {**pcfg.to_json(), "lambdas": precond.lambdas},
             "faiss": {**fcfg.to_json(), "factory": fcfg.factory(total), **recall},
+            "relative": {"file": "relative.faiss", "eps": eps, **relative_recall},
             "count": total,
             "dim": dim,
             "staging_key": staging.key,

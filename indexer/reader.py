@@ -4,11 +4,14 @@
 :class:`Index` returns comes from that one version (its FAISS file, its vectors and its SQL
 rows), so a publish running meanwhile is never seen half-done. Deleted examples and metadata
 filters are applied inside the search (FAISS id selectors, or an exact scan of the matching
-rows), so a filtered top-k is the top-k of the matching examples.
+rows), so a filtered top-k is the top-k of the matching examples. Relative influence
+(``normalize=True``) searches a second FAISS index over ``v_i / sqrt(self-influence_i)``;
+versions written before it existed are scanned exactly instead.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from .store import (
     ExampleRow,
     FaissConfig,
     IndexVersion,
+    ScaledRows,
     StorageError,
     connect,
     current_version,
@@ -37,6 +41,7 @@ from .store import (
     load_manifest,
     model_fingerprint,
     read_faiss,
+    relative_scale,
     search_faiss,
 )
 from .task import TaskSpec
@@ -121,11 +126,13 @@ class Index:
         settings: storage locations.
         engine: the database engine.
         version: the version row to read.
+        device: where the featurizer computes query gradients (default: cuda when available).
     """
 
     def __init__(self, name: str, settings: Settings, engine: Engine,
-                 version: IndexVersion) -> None:
+                 version: IndexVersion, *, device: str | None = None) -> None:
         self.name = name
+        self.device = device
         self.settings = settings
         self.engine = engine
         self.version = int(version.id)
@@ -141,6 +148,11 @@ class Index:
         self.vectors: np.ndarray = np.load(self.folder / "vectors.npy", mmap_mode="r")
         self.ids: np.ndarray = np.load(self.folder / "ids.npy")
         self._order = np.argsort(self.ids, kind="stable")
+        relative = self.manifest.get("relative") or {}
+        self.relative_faiss: Any | None = None
+        if relative.get("file"):
+            self.relative_faiss = read_faiss(self.folder / relative["file"])
+        self._relative: ScaledRows | None = None
         self._featurizer: Featurizer | None = None
         check_index(self)
 
@@ -160,7 +172,8 @@ class Index:
         if self._featurizer is None:
             spec = self.manifest["task"]
             feat = Featurizer(TaskSpec(spec["spec"], spec["args"]).load(),
-                              CompressionConfig.from_json(self.manifest["compression"]))
+                              CompressionConfig.from_json(self.manifest["compression"]),
+                              device=self.device)
             expected = self.manifest.get("model_fingerprint") or []
             if expected and model_fingerprint(feat.models) != expected:
                 raise StorageError(
@@ -239,8 +252,52 @@ class Index:
             raise ConfigError(f"queries must be [Q, {self.dim}], got {tuple(q.shape)}")
         return q
 
-    def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return q @ np.asarray(self.vectors[np.sort(rows)], dtype=np.float32).T
+    def _exact_scores(self, q: np.ndarray, rows: np.ndarray,
+                      vectors: np.ndarray | ScaledRows | None = None) -> np.ndarray:
+        vectors = self.vectors if vectors is None else vectors
+        return q @ np.asarray(vectors[np.sort(rows)], dtype=np.float32).T
+
+    @property
+    def relative_vectors(self) -> ScaledRows:
+        """The vectors of relative influence, ``v_i / sqrt(max(self-influence_i, eps))``."""
+        if self._relative is None:
+            eps = (self.manifest.get("relative") or {}).get("eps")
+            scale = relative_scale(self.self_influence_values, eps)[0]
+            self._relative = ScaledRows(self.vectors, scale)
+        return self._relative
+
+    @functools.cached_property
+    def self_influence_values(self) -> np.ndarray:
+        """Self-influence of every stored example, by position (deleted ones included)."""
+        path = self.folder / "self_influence.npy"
+        if path.is_file():
+            return np.load(path)
+        with Session(self.engine) as session:  # a version written before the file existed
+            return np.asarray(session.scalars(
+                select(ExampleRow.self_influence)
+                .where(ExampleRow.version_id == self.version)
+                .order_by(ExampleRow.position)).all(), dtype=np.float64)
+
+    def self_influence_histogram(
+        self, bins: int = 40, *, log: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Histogram ``(edges [bins+1], counts [bins])`` of the live examples' self-influence,
+        with ``log`` bins evenly spaced in log10 (self-influence is heavy-tailed); no SQL row
+        is read beyond the deleted ids."""
+        if not isinstance(bins, int) or not 1 <= bins <= 1000:
+            raise ConfigError(f"`bins` must be an integer in [1, 1000], got {bins!r}")
+        values = self.self_influence_values
+        live = values[~np.isin(self.ids, self._deleted())]
+        if log:
+            live = live[live > 0]
+        if not len(live):
+            return np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64)
+        if log:
+            edges = np.logspace(np.log10(live.min()), np.log10(live.max()), bins + 1)
+            counts, edges = np.histogram(live, bins=edges)
+        else:
+            counts, edges = np.histogram(live, bins=bins)
+        return edges, counts
 
     # -------------------------------------------------------------- search
 
@@ -251,6 +308,7 @@ class Index:
         *,
         direction: str = "proponents",
         filter: Filter | None = None,
+        normalize: bool = False,
     ) -> list[list[Hit]]:
         """Top-``k`` proponents (highest scores) or opponents (lowest) per query vector.
 
@@ -259,6 +317,8 @@ class Index:
             k: results per query.
             direction: ``proponents`` or ``opponents`` (the search of the negated query).
             filter: restrict to examples whose metadata match (see :data:`Filter`).
+            normalize: rank by relative influence, ``score / sqrt(self-influence)`` (RelatIF,
+                Barshan et al. 2020); the hits' scores are then those relative scores.
 
         Returns:
             Per query, up to ``k`` hits sorted by strength; scores are exact inner products.
@@ -273,15 +333,22 @@ class Index:
         conditions = _check_filter(filter)
         include = self._matching(conditions) if conditions else None
         exclude = None if include is not None else self._deleted()
-        if include is not None and len(include) <= EXACT_SCAN_LIMIT:
-            s, rows = exact_topk(self.vectors, self._rows_of(include), signed, k)
+        vectors: np.ndarray | ScaledRows = self.vectors
+        index = self.faiss
+        if normalize:
+            vectors, index = self.relative_vectors, self.relative_faiss
+            if index is None and include is None:  # no relative FAISS file: scan the live rows
+                include = np.setdiff1d(self.ids, exclude if exclude is not None else [])
+                exclude = None
+        if include is not None and (len(include) <= EXACT_SCAN_LIMIT or index is None):
+            s, rows = exact_topk(vectors, self._rows_of(np.sort(include)), signed, k)
             ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
         elif self.faiss_config.exact:
-            s, ids = search_faiss(self.faiss, self.faiss_config, signed, k, include=include,
+            s, ids = search_faiss(index, self.faiss_config, signed, k, include=include,
                                   exclude=exclude)
         else:
             wide = min(self.count, k * self.faiss_config.oversample)
-            _, cand = search_faiss(self.faiss, self.faiss_config, signed, wide, include=include,
+            _, cand = search_faiss(index, self.faiss_config, signed, wide, include=include,
                                    exclude=exclude)
             s = np.full((len(q), k), -np.inf, dtype=np.float32)
             ids = np.full((len(q), k), -1, dtype=np.int64)
@@ -289,17 +356,19 @@ class Index:
                 c = np.sort(cand[i][cand[i] >= 0])
                 if not len(c):
                     continue
-                sc = self._exact_scores(signed[i : i + 1], self._rows_of(c))[0]
+                sc = self._exact_scores(signed[i : i + 1], self._rows_of(c), vectors)[0]
                 top = np.argsort(-sc, kind="stable")[:k]
                 s[i, : len(top)], ids[i, : len(top)] = sc[top], c[top]
         return [self._hits(ids[i], sign * s[i]) for i in range(len(q))]
 
     def select(
-        self, queries: torch.Tensor | np.ndarray, k: int = 10, *, filter: Filter | None = None
+        self, queries: torch.Tensor | np.ndarray, k: int = 10, *, filter: Filter | None = None,
+        normalize: bool = False,
     ) -> list[Hit]:
         """Training examples ranked by mean influence over a set of queries (data selection)."""
         q = self._as_queries(queries)
-        return self.search(q.mean(axis=0, keepdims=True), k, filter=filter)[0]
+        return self.search(q.mean(axis=0, keepdims=True), k, filter=filter,
+                           normalize=normalize)[0]
 
     def scores(
         self, queries: torch.Tensor | np.ndarray, ids: Sequence[str] | None = None
@@ -325,7 +394,9 @@ class Index:
                 missing = [i for i in wanted if i not in where_of]
                 if missing:
                     raise ExampleNotFound(
-                        f"index {self.name!r} has no (live) example with id(s) {missing[:10]}")
+                        f"index {self.name!r} has no (live) example with id(s) "
+                        f"{[m if len(m) <= 80 else m[:77] + '...' for m in missing[:10]]}"
+                        + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
                 names = wanted
                 rows = np.asarray([where_of[i] for i in wanted], dtype=np.int64)
         out = np.zeros((len(q), len(rows)), dtype=np.float32)
@@ -335,17 +406,23 @@ class Index:
         return names, out
 
     def self_influence(
-        self, limit: int = 100, *, filter: Filter | None = None, descending: bool = True
+        self, limit: int = 100, *, filter: Filter | None = None, descending: bool = True,
+        offset: int = 0,
     ) -> list[Hit]:
-        """Examples ranked by self-influence (outlier and mislabel candidates first)."""
+        """Examples ranked by self-influence (outlier and mislabel candidates first).
+
+        ``offset`` skips that many of the ranking (pages of ``limit``)."""
         if not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"`limit` must be a positive integer, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise ConfigError(f"`offset` must be a non-negative integer, got {offset!r}")
         where = [ExampleRow.version_id == self.version, ExampleRow.deleted.is_(False)]
         where += [_condition(self.engine, k, v) for k, v in _check_filter(filter).items()]
         order = ExampleRow.self_influence.desc() if descending else ExampleRow.self_influence
         with Session(self.engine) as session:
             rows = session.scalars(select(ExampleRow).where(*where)
-                                   .order_by(order, ExampleRow.id).limit(limit)).all()
+                                   .order_by(order, ExampleRow.id).offset(offset)
+                                   .limit(limit)).all()
             return [Hit(r.id, r.external_id, float(r.self_influence), r.payload,
                         dict(r.meta or {}), float(r.self_influence)) for r in rows]
 
@@ -402,6 +479,11 @@ def check_index(index: Index) -> None:
                    f"ids.npy {len(index.ids)}")
     elif not np.array_equal(in_faiss, index.ids):
         problem = "FAISS ids differ from ids.npy"
+    elif index.relative_faiss is not None and not (
+        int(index.relative_faiss.ntotal) == index.count
+        and np.array_equal(faiss_ids(index.relative_faiss), index.ids)
+    ):
+        problem = "the relative-influence FAISS ids differ from ids.npy"
     else:
         with Session(index.engine) as session:
             sql = session.execute(select(ExampleRow.id, ExampleRow.position)
@@ -421,8 +503,12 @@ def check_index(index: Index) -> None:
         )
 
 
-def open_index(name: str, settings: Settings | None = None) -> Index:
+def open_index(name: str, settings: Settings | None = None, *, device: str | None = None
+               ) -> Index:
     """Open the current version of index ``name``.
+
+    Args:
+        device: where its featurizer computes query gradients (default: cuda when available).
 
     Raises:
         IndexNotFound: no such index or no published version.
@@ -437,4 +523,4 @@ def open_index(name: str, settings: Settings | None = None) -> Index:
     folder = Path(settings.data_dir / version.path)
     if not folder.is_dir():
         raise StorageError(f"index {name!r}: version folder {str(folder)!r} is missing")
-    return Index(name, settings, engine, version)
+    return Index(name, settings, engine, version, device=device)

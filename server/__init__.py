@@ -1,3 +1,6 @@
-"""gradindex's FastAPI server. The app factory arrives with the influence server."""
+"""gradindex's FastAPI server: ``create_app(settings)``, run by ``gradindex serve``."""
 
-__all__: list[str] = []
+from .app import create_app, run
+from .settings import ServerSettings
+
+__all__ = ["ServerSettings", "create_app", "run"]

@@ -1,7 +1,8 @@
 """The SQL side of an index: SQLAlchemy 2 models, engines and Alembic migrations.
 
 Tables: ``indexes``, ``index_versions`` (manifest, status, current flag), ``examples`` (one row
-per training example of a version; its id is the example's FAISS id) and ``build_progress``.
+per training example of a version; its id is the example's FAISS id), ``build_progress`` and
+``api_keys`` (hashed server keys).
 The schema itself is owned by the Alembic migrations in the repository's ``migrations/``.
 """
 
@@ -37,6 +38,7 @@ from ..errors import IndexNotFound, StorageError
 from ..settings import Settings
 
 __all__ = [
+    "ApiKey",
     "BuildProgress",
     "ExampleRow",
     "IndexRow",
@@ -126,6 +128,22 @@ class BuildProgress(Base):
     total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="featurizing")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ApiKey(Base):
+    """A server API key: only the SHA-256 of its secret is stored, never the secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    scope: Mapped[str] = mapped_column(String(16))
+    """``read`` (queries and look-ups) or ``admin`` (also deletes)."""
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The secret's first characters, shown by ``gradindex keys list`` to tell keys apart."""
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 # ----------------------------------------------------------------------------- engines

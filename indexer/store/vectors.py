@@ -20,7 +20,9 @@ from ..errors import ConfigError, GradindexError
 __all__ = [
     "FAISS_KINDS",
     "FaissConfig",
+    "ScaledRows",
     "build_faiss",
+    "relative_scale",
     "exact_topk",
     "faiss_ids",
     "measure_recall",
@@ -42,6 +44,50 @@ def _require_faiss() -> Any:
             "the persistent index needs FAISS: `pip install faiss-cpu` (or faiss-gpu)"
         ) from exc
     return faiss
+
+
+RELATIVE_EPS = 1e-6
+"""Self-influence floor of relative influence, as a fraction of the mean self-influence: an
+example whose gradient vanishes scores 0, not 0/0."""
+
+
+def relative_scale(
+    self_influence: np.ndarray, eps: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Per-row factors ``1/sqrt(max(s_i, eps))`` of relative influence (RelatIF, Barshan et al.
+    2020), and the ``eps`` used (default: :data:`RELATIVE_EPS` times the mean self-influence).
+    """
+    si = np.asarray(self_influence, dtype=np.float64)
+    if eps is None:
+        mean = float(np.abs(si).mean()) if len(si) else 0.0
+        eps = max(RELATIVE_EPS * mean, float(np.finfo(np.float32).tiny))
+    return (1.0 / np.sqrt(np.maximum(si, eps))).astype(np.float32), float(eps)
+
+
+class ScaledRows:
+    """``vectors`` with row ``i`` multiplied by ``scale[i]``, computed on access.
+
+    Reads like the array it wraps (``shape``, slices, index arrays), so the relative-influence
+    vectors ``v_i / sqrt(s_i)`` are searched and indexed without a second copy on disk.
+    """
+
+    def __init__(self, vectors: np.ndarray, scale: np.ndarray) -> None:
+        if len(scale) != vectors.shape[0]:
+            raise ConfigError(f"one scale per row needed: {vectors.shape[0]} rows, "
+                              f"{len(scale)} scales")
+        self.vectors = vectors
+        self.scale = np.asarray(scale, dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.vectors.shape)
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = np.asarray(self.vectors[key], dtype=np.float32)
+        return rows * self.scale[key][..., None] if rows.ndim == 2 else rows * self.scale[key]
 
 
 @dataclass(frozen=True)
@@ -111,7 +157,7 @@ class FaissConfig:
 
 
 def build_faiss(
-    config: FaissConfig, vectors: np.ndarray, ids: np.ndarray, *, window: int = 65536,
+    config: FaissConfig, vectors: np.ndarray | ScaledRows, ids: np.ndarray, *, window: int = 65536,
     seed: int = 0,
 ) -> Any:
     """A FAISS index over ``vectors [N, dim]`` (float32, may be a memmap) with ``ids [N]``.
@@ -197,7 +243,7 @@ def search_faiss(
 
 
 def exact_topk(
-    vectors: np.ndarray, rows: np.ndarray | None, queries: np.ndarray, k: int, *,
+    vectors: np.ndarray | ScaledRows, rows: np.ndarray | None, queries: np.ndarray, k: int, *,
     window: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, row numbers) of ``queries @ vectors[rows].T``, streamed.
@@ -235,8 +281,8 @@ def exact_topk(
 
 
 def measure_recall(
-    index: Any, config: FaissConfig, vectors: np.ndarray, ids: np.ndarray, *, k: int = 10,
-    queries: int = 100, seed: int = 0,
+    index: Any, config: FaissConfig, vectors: np.ndarray | ScaledRows, ids: np.ndarray, *,
+    k: int = 10, queries: int = 100, seed: int = 0,
 ) -> dict[str, float]:
     """recall@k of ``index`` against exact search, with stored vectors as queries.
 

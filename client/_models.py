@@ -1,0 +1,142 @@
+"""Typed results of contract version 1 (fields the server adds later are kept, not refused)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pandas is optional
+    import pandas
+
+__all__ = [
+    "Example",
+    "Health",
+    "IndexDetail",
+    "IndexSummary",
+    "InfluenceResponse",
+    "InfluenceResult",
+    "ScoresResponse",
+    "SelectResponse",
+    "SelfInfluencePage",
+    "TrainingExample",
+]
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as exc:
+        raise ImportError("to_pandas() needs pandas: `pip install pandas`") from exc
+    return pandas
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TrainingExample(_Model):
+    """A training example: its id, payload, metadata and self-influence."""
+
+    id: str
+    payload: Any
+    meta: dict[str, Any]
+    self_influence: float
+    render: dict[str, Any] | None = None
+    """How the task shows the example, when the request asked for it."""
+
+
+class Example(TrainingExample):
+    """A training example with its score against a test example (> 0: proponent)."""
+
+    score: float
+
+
+def _rows(examples: list[Example] | list[TrainingExample], **extra: Any) -> list[dict[str, Any]]:
+    return [{**extra, "rank": rank, "id": e.id, "score": getattr(e, "score", None),
+             "self_influence": e.self_influence, **{f"meta.{k}": v for k, v in e.meta.items()}}
+            for rank, e in enumerate(examples)]
+
+
+class InfluenceResult(_Model):
+    """The strongest proponents and opponents of one test example."""
+
+    proponents: list[Example] = []
+    opponents: list[Example] = []
+
+
+class InfluenceResponse(_Model):
+    index: str
+    version: int
+    results: list[InfluenceResult]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """One row per (test example, direction, rank): id, score, self-influence, metadata."""
+        rows = [row for i, r in enumerate(self.results)
+                for direction in ("proponents", "opponents")
+                for row in _rows(getattr(r, direction), example=i, direction=direction)]
+        columns = ["example", "direction", "rank", "id", "score", "self_influence"]
+        return _pandas().DataFrame(rows, columns=None if rows else columns)
+
+
+class ScoresResponse(_Model):
+    index: str
+    version: int
+    ids: list[str]
+    scores: list[list[float]]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """Scores as a table: one row per test example, one column per training id."""
+        return _pandas().DataFrame(self.scores, columns=self.ids)
+
+
+class SelectResponse(_Model):
+    index: str
+    version: int
+    ids: list[str]
+    results: list[Example]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        return _pandas().DataFrame(_rows(self.results))
+
+
+class SelfInfluencePage(_Model):
+    index: str
+    version: int
+    limit: int
+    offset: int
+    next_offset: int | None
+    results: list[TrainingExample]
+
+    def to_pandas(self) -> pandas.DataFrame:
+        return _pandas().DataFrame(_rows(self.results)).drop(columns="score", errors="ignore")
+
+
+class IndexSummary(_Model):
+    name: str
+    status: Literal["serving", "unavailable", "unpublished"] | str
+    version: int | None
+    count: int
+    deleted: int
+    dim: int | None
+    published_at: datetime | None
+    reason: str | None = None
+
+
+class IndexDetail(IndexSummary):
+    task: dict[str, Any]
+    compression: dict[str, Any]
+    preconditioner: dict[str, Any]
+    faiss: dict[str, Any]
+    relative: bool
+    device: str | None
+
+
+class Health(_Model):
+    status: str
+    contract: int
+    version: str
+    auth: bool
+    indexes: int
+    devices: list[str]

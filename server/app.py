@@ -1,0 +1,186 @@
+"""The app factory: settings → storage → indexes and device workers → routes.
+
+``create_app(settings)`` builds a FastAPI app whose start-up migrates the database, opens
+every published index (refusing, with a log line, those it cannot serve) and starts one device
+worker per model; ``gradindex serve`` runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import indexer
+from indexer.store import connect
+
+from .browse import browse_router
+from .errors import error_response, install_error_handlers
+from .indexes import IndexRegistry
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .page import page_router
+from .routes import health_router, router
+from .settings import ServerSettings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Training-data attribution over a persistent gradient index (contract version 1).
+
+A positive score means the training example is a *proponent* of the test example (up-weighting
+it lowers the test loss); negative, an *opponent*. Send an API key as `Authorization: Bearer`.
+"""
+
+
+class BodyLimit:
+    """Answers 413 to a request whose body is above ``limit`` bytes, before the app reads it.
+
+    A declared ``Content-Length`` is checked at once; a chunked body is read (up to the limit)
+    before the app sees it.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.limit
+            except ValueError:
+                too_big = False
+            if too_big:
+                await self._refuse(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, "BodyTooLarge",
+            f"the request body is larger than {self.limit:,} bytes (GRADINDEX_MAX_BODY_BYTES); "
+            "send fewer examples per request",
+            headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts requests and times them, by route template (bounded label values)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = str(scope.get("method", ""))
+            self.metrics.requests.labels(path, method, str(status)).inc()
+            self.metrics.latency.labels(path, method).observe(time.perf_counter() - started)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    """The gradindex server app.
+
+    Args:
+        settings: server settings (default: read from ``GRADINDEX_*``).
+    """
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    registry = IndexRegistry(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(connect, settings.storage(), migrate=True)
+        await registry.start()
+        if not settings.auth_required:
+            log.warning("API keys are off (GRADINDEX_AUTH=off): anyone on this machine can "
+                        "query and delete")
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    app = FastAPI(title="gradindex", version=indexer.__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(router)
+    app.include_router(browse_router)
+    app.include_router(page_router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        for worker in registry.workers:
+            metrics.queue_depth.labels(worker.name).set(worker.depth)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
+    """Serve ``create_app(settings)`` with uvicorn on ``settings.host:settings.port``."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level="info", **uvicorn_options)

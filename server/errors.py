@@ -1,0 +1,156 @@
+"""The one place where errors become HTTP responses: ``{"error": {"type", "message"}}``.
+
+Library code raises the indexer's error hierarchy (or the few server errors below) and never
+``HTTPException``; :data:`STATUS` maps each class to a status code, most specific first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from indexer.errors import (
+    ConfigError,
+    ExampleNotFound,
+    GradindexError,
+    IndexNotFound,
+    NonFiniteLoss,
+    StorageError,
+    TaskError,
+)
+from indexer.store import KeyNotFound
+
+__all__ = [
+    "STATUS",
+    "BodyTooLarge",
+    "Forbidden",
+    "IndexUnavailable",
+    "Overloaded",
+    "ServerError",
+    "Unauthorized",
+    "error_response",
+    "install_error_handlers",
+    "status_of",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(GradindexError):
+    """Base of the errors only the server raises."""
+
+
+class Unauthorized(ServerError):
+    """No API key, or one that is unknown or revoked."""
+
+
+class Forbidden(ServerError):
+    """The API key's scope does not allow this request."""
+
+
+class BodyTooLarge(ServerError):
+    """The request body is above ``GRADINDEX_MAX_BODY_BYTES``."""
+
+
+class Overloaded(ServerError):
+    """A device worker's queue is full; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class IndexUnavailable(ServerError):
+    """The index exists but this server cannot serve it (say, its model weights changed)."""
+
+
+STATUS: list[tuple[type[BaseException], int]] = [
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (IndexNotFound, 404),
+    (ExampleNotFound, 404),
+    (KeyNotFound, 404),
+    (BodyTooLarge, 413),
+    (NonFiniteLoss, 422),
+    (TaskError, 422),
+    (ConfigError, 422),
+    (Overloaded, 503),
+    (IndexUnavailable, 503),
+    (StorageError, 503),
+    (GradindexError, 500),
+]
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status of an error of the hierarchy (500 for anything unexpected)."""
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, kind: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+def _headers(exc: BaseException) -> dict[str, str] | None:
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    return None
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+async def _gradindex_error(_request: Request, exc: Exception) -> JSONResponse:
+    status = status_of(exc)
+    if status >= 500 and not isinstance(exc, Overloaded | IndexUnavailable | StorageError):
+        log.error("request failed: %s", exc, exc_info=exc)
+    message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return error_response(status, type(exc).__name__, message, _headers(exc))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (detail.get("ctx") or {}).get("error", "not valid JSON")
+        return error_response(400, "MalformedJSON", f"the request body is not valid JSON: {reason}")
+    parts = [f"`{_field(e.get('loc', ()))}`: {e.get('msg', 'invalid')}" for e in errors[:5]]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return error_response(422, "ValidationError", "; ".join(parts) + more)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kinds = {404: "NotFound", 405: "MethodNotAllowed", 413: "BodyTooLarge"}
+    message = str(exc.detail) if exc.detail else "error"
+    if exc.status_code == 404 and message == "Not Found":
+        message = "no such endpoint; the API is described at /docs"
+    return error_response(exc.status_code, kinds.get(exc.status_code, "HTTPError"), message,
+                          dict(exc.headers) if exc.headers else None)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error", exc_info=exc)
+    return error_response(500, "InternalError", "the server failed; see its log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error as ``{"error": {"type", "message"}}`` with its status code."""
+    app.add_exception_handler(GradindexError, _gradindex_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,261 @@
+"""The ``/v1`` endpoints of contract version 1: indexes, influence, scores, selection,
+self-influence and examples.
+
+Routes stay thin: query vectors come from the index's device worker, everything else from the
+indexer's :class:`~indexer.reader.Index`, run on the thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+
+import indexer
+from indexer.build import index_info, list_indexes
+from indexer.errors import ConfigError, TaskError
+from indexer.reader import Hit
+
+from .auth import AdminKey, ReadKey
+from .indexes import IndexRegistry, Served
+from .schemas import (
+    CONTRACT_VERSION,
+    DeleteResult,
+    ErrorResponse,
+    Example,
+    Health,
+    IndexDetail,
+    IndexList,
+    IndexSummary,
+    InfluenceRequest,
+    InfluenceResponse,
+    InfluenceResult,
+    ScoresRequest,
+    ScoresResponse,
+    SelectRequest,
+    SelectResponse,
+    SelfInfluencePage,
+    TrainingExample,
+)
+from .settings import ServerSettings
+
+__all__ = ["IndexDep", "health_router", "render_payload", "router"]
+
+log = logging.getLogger(__name__)
+
+MAX_SCORES = 5_000_000
+"""Scores one ``/scores`` request may return (examples × ids)."""
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [(401, "No valid API key"), (403, "The key's scope is too narrow"),
+                         (404, "No such index or example"), (413, "Body too large"),
+                         (422, "Invalid request or payload"), (503, "Busy or unavailable")]
+}
+
+
+def get_registry(request: Request) -> IndexRegistry:
+    registry: IndexRegistry = request.app.state.registry
+    return registry
+
+
+def get_settings(request: Request) -> ServerSettings:
+    settings: ServerSettings = request.app.state.settings
+    return settings
+
+
+Registry = Annotated[IndexRegistry, Depends(get_registry)]
+SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
+IndexName = Annotated[str, Path(description="Index name.", max_length=128)]
+
+
+async def get_served(name: IndexName, registry: Registry) -> Served:
+    return await registry.get(name)
+
+
+IndexDep = Annotated[Served, Depends(get_served)]
+
+health_router = APIRouter(tags=["health"])
+router = APIRouter(prefix="/v1/indexes", tags=["indexes"], responses=ERRORS)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def render_payload(served: Served, payload: Any) -> dict[str, Any] | None:
+    """The task's ``render(payload)``, or None for a task without one (or that fails on it)."""
+    render = getattr(served.index.featurizer.task, "render", None)
+    if render is None:
+        return None
+    try:
+        shown = render(payload)
+    except Exception as exc:  # noqa: BLE001 - a page falls back to the raw payload
+        log.warning("task.render failed on a payload: %s", exc)
+        return None
+    return shown if isinstance(shown, dict) else None
+
+
+def _training(hit: Hit, served: Served | None = None) -> TrainingExample:
+    return TrainingExample(id=hit.external_id, payload=hit.payload, meta=hit.meta,
+                           self_influence=hit.self_influence,
+                           render=render_payload(served, hit.payload) if served else None)
+
+
+def _example(hit: Hit, served: Served | None = None) -> Example:
+    return Example(id=hit.external_id, payload=hit.payload, meta=hit.meta,
+                   self_influence=hit.self_influence, score=_finite(hit.score),
+                   render=render_payload(served, hit.payload) if served else None)
+
+
+def _finite(score: float) -> float:
+    if not math.isfinite(score):
+        raise TaskError("a score overflowed (a test example's gradient is too large to score); "
+                        "check the example's features")
+    return score
+
+
+def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
+    if len(examples) > settings.max_examples:
+        raise ConfigError(f"`examples` may hold at most {settings.max_examples} examples per "
+                          f"request, got {len(examples)}; split the request")
+
+
+async def _queries(served: Served, examples: Sequence[dict[str, Any]],
+                   settings: ServerSettings) -> torch.Tensor:
+    _check_examples(examples, settings)
+    return await served.worker.query(examples)
+
+
+def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
+    manifest = row["manifest"] or {}
+    refused = registry.refused().get(row["name"])
+    status = ("unpublished" if row["version"] is None else
+              "unavailable" if refused is not None else "serving")
+    return {"name": row["name"], "status": status, "version": row["version"],
+            "count": row["count"], "deleted": row["deleted"], "dim": manifest.get("dim"),
+            "published_at": row["published_at"], "reason": refused}
+
+
+# ------------------------------------------------------------------ health
+
+
+@health_router.get("/v1/health", response_model=Health)
+async def health(registry: Registry, settings: SettingsDep) -> Health:
+    """Liveness: the server answers and its device workers run (no key needed)."""
+    return Health(status="ok", contract=CONTRACT_VERSION, version=indexer.__version__,
+                  auth=settings.auth_required, indexes=len(registry.served),
+                  devices=sorted({w.device for w in registry.workers}))
+
+
+# ------------------------------------------------------------------ indexes
+
+
+@router.get("", response_model=IndexList)
+async def get_indexes(_key: ReadKey, registry: Registry) -> IndexList:
+    """Every index, with its current version and whether this server serves it."""
+    rows = await run_in_threadpool(list_indexes, registry.storage)
+    return IndexList(indexes=[IndexSummary(**_summary(r, registry)) for r in rows])
+
+
+@router.get("/{name}", response_model=IndexDetail)
+async def get_index(_key: ReadKey, served: IndexDep, registry: Registry) -> IndexDetail:
+    """One index: its size, task, compression, preconditioner and FAISS settings."""
+    index = served.index
+    row = await run_in_threadpool(index_info, registry.storage, index.name)
+    m = index.manifest
+    return IndexDetail(
+        **{**_summary(row, registry), "version": index.version, "dim": index.dim},
+        task=m.get("task", {}), compression=m.get("compression", {}),
+        preconditioner=m.get("preconditioner", {}), faiss=m.get("faiss", {}),
+        relative=index.relative_faiss is not None, device=served.worker.device)
+
+
+@router.post("/{name}/influence", response_model=InfluenceResponse)
+async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
+                    settings: SettingsDep) -> InfluenceResponse:
+    """The top-k proponents and/or opponents of each test example."""
+    q = await _queries(served, body.examples, settings)
+    directions = ["proponents", "opponents"] if body.direction == "both" else [body.direction]
+
+    def search() -> list[InfluenceResult]:
+        found = {d: served.index.search(q, body.k, direction=d, filter=body.filter,
+                                        normalize=body.normalize) for d in directions}
+        shown = served if body.render else None
+        return [InfluenceResult(**{d: [_example(h, shown) for h in found[d][i]]
+                                   for d in directions})
+                for i in range(len(q))]
+
+    results = await run_in_threadpool(search)
+    return InfluenceResponse(index=served.index.name, version=served.index.version,
+                             results=results)
+
+
+@router.post("/{name}/scores", response_model=ScoresResponse)
+async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
+                 settings: SettingsDep) -> ScoresResponse:
+    """Exact scores ``[example][id]`` against the given (or every live) training id."""
+    _check_examples(body.examples, settings)
+    wanted = len(body.ids) if body.ids is not None else served.index.count
+    if wanted * len(body.examples) > MAX_SCORES:
+        raise ConfigError(f"this request asks for {wanted * len(body.examples):,} scores, more "
+                          f"than {MAX_SCORES:,}; pass `ids`, or fewer examples")
+    q = await _queries(served, body.examples, settings)
+    ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
+    if not np.isfinite(matrix).all():
+        _finite(float("inf"))
+    return ScoresResponse(index=served.index.name, version=served.index.version, ids=ids,
+                          scores=matrix.tolist())
+
+
+@router.post("/{name}/select", response_model=SelectResponse)
+async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
+                 settings: SettingsDep) -> SelectResponse:
+    """Training examples ranked by mean influence over the examples (data selection)."""
+    q = await _queries(served, body.examples, settings)
+    hits = await run_in_threadpool(lambda: served.index.select(
+        q, body.k, filter=body.filter, normalize=body.normalize))
+    results = [_example(h) for h in hits]
+    return SelectResponse(index=served.index.name, version=served.index.version,
+                          ids=[r.id for r in results], results=results)
+
+
+@router.get("/{name}/self-influence", response_model=SelfInfluencePage)
+async def self_influence(
+    _key: ReadKey, served: IndexDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Examples per page.")] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
+    ascending: Annotated[bool, Query(description="Lowest self-influence first.")] = False,
+    render: Annotated[bool, Query(description="Add each example's `render`.")] = False,
+) -> SelfInfluencePage:
+    """Training examples ranked by self-influence: outlier and mislabel candidates first."""
+    hits = await run_in_threadpool(lambda: served.index.self_influence(
+        limit, offset=offset, descending=not ascending))
+    return SelfInfluencePage(
+        index=served.index.name, version=served.index.version, limit=limit, offset=offset,
+        next_offset=offset + limit if len(hits) == limit else None,
+        results=[_training(h, served if render else None) for h in hits])
+
+
+ExampleId = Annotated[str, Path(description="The example's id.", max_length=512)]
+
+
+@router.get("/{name}/examples/{example_id:path}", response_model=TrainingExample)
+async def get_example(_key: ReadKey, served: IndexDep, example_id: ExampleId
+                      ) -> TrainingExample:
+    """One live training example."""
+    return _training(await run_in_threadpool(served.index.example, example_id))
+
+
+@router.delete("/{name}/examples/{example_id:path}", response_model=DeleteResult)
+async def delete_example(_key: AdminKey, served: IndexDep, example_id: ExampleId
+                         ) -> DeleteResult:
+    """Remove a training example from every result, for good (needs an admin key)."""
+    hit = await run_in_threadpool(served.index.delete, example_id)
+    return DeleteResult(deleted=_training(hit))
+

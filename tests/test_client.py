@@ -1,0 +1,127 @@
+"""The client: no heavy imports, typed results, errors with the server's message, retries on
+503 that honour Retry-After, an injectable transport, and the async twin against the server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+import client
+from client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    GradindexHTTPError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+)
+from indexer.tasks import DigitsTask
+
+from .conftest import REPO, SERVED_INDEX, LiveServer
+
+
+def test_importing_client_imports_neither_torch_nor_faiss_nor_numpy() -> None:
+    code = ("import sys, client; heavy = {'torch', 'faiss', 'numpy', 'indexer', 'server'} & "
+            "set(sys.modules); assert not heavy, heavy; print(len(client.__all__))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert all(hasattr(client, name) for name in client.__all__)
+
+
+def _error(status: int, kind: str, message: str, **headers: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"type": kind, "message": message}},
+                          headers=headers)
+
+
+@pytest.mark.parametrize("status,cls", [(401, AuthenticationError), (403, PermissionDenied),
+                                        (404, NotFound), (422, InvalidRequest),
+                                        (503, ServiceUnavailable), (500, GradindexHTTPError)])
+def test_errors_carry_status_type_and_message(status: int,
+                                              cls: type[GradindexHTTPError]) -> None:
+    transport = httpx.MockTransport(lambda _req: _error(status, "Kind", "what went wrong"))
+    with Client("http://gradindex.test", transport=transport, retries=0) as c:
+        with pytest.raises(cls) as info:
+            c.index("digits")
+    assert type(info.value) is cls
+    assert (info.value.status, info.value.type, info.value.message) == (
+        status, "Kind", "what went wrong")
+
+
+def test_503_is_retried_with_back_off_honouring_retry_after() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) < 3:
+            return _error(503, "Overloaded", "queue full", **{"Retry-After": "0"})
+        return httpx.Response(200, json={"status": "ok", "contract": 1, "version": "0.1.0",
+                                         "auth": True, "indexes": 1, "devices": ["cpu"]})
+
+    with Client("http://gradindex.test", api_key="gik_secret",
+                transport=httpx.MockTransport(answer), retries=3, backoff=5.0) as c:
+        assert c.health().devices == ["cpu"]  # Retry-After 0 wins over the 5 s back-off
+    assert len(seen) == 3
+    assert seen[0].headers["Authorization"] == "Bearer gik_secret"
+    seen.clear()
+    with Client("http://gradindex.test", transport=httpx.MockTransport(answer),
+                retries=1) as c, pytest.raises(ServiceUnavailable) as info:
+        c.health()
+    assert info.value.retry_after == 0 and len(seen) == 2
+
+
+def test_requests_say_what_they_send() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.raw_path == b"/v1/indexes/my%20index/influence"
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"index": "my index", "version": 3, "results": [
+            {"proponents": [{"id": "a", "score": 2.0, "payload": {}, "meta": {"label": 1},
+                             "self_influence": 4.0, "added_later": True}], "opponents": []}]})
+
+    with Client("http://gradindex.test/", transport=httpx.MockTransport(answer)) as c:
+        got = c.influence("my index", [{"x": 1}], 5, direction="both", filter={"label": 1},
+                          normalize=True)
+    assert bodies == [{"examples": [{"x": 1}], "k": 5, "direction": "both", "normalize": True,
+                       "filter": {"label": 1}}]
+    assert got.results[0].proponents[0].score == 2.0
+    frame = got.to_pandas()
+    assert list(frame[["example", "direction", "rank", "id"]].iloc[0]) == [
+        0, "proponents", 0, "a"]
+    assert frame["meta.label"].iloc[0] == 1
+
+
+def test_async_client_against_the_server(live_server: LiveServer,
+                                         server_keys: dict[str, str],
+                                         store_task: DigitsTask) -> None:
+    payloads = store_task.test_payloads(4)
+    with Client(live_server.url, api_key=server_keys["read"]) as sync:
+        want = sync.influence(SERVED_INDEX, payloads, 5, direction="both")
+
+    async def run() -> list[Any]:
+        async with AsyncClient(live_server.url, api_key=server_keys["read"]) as c:
+            health = await c.health()
+            assert health.status == "ok"
+            many = await asyncio.gather(*[c.influence(SERVED_INDEX, [p], 5, direction="both")
+                                          for p in payloads])
+            with pytest.raises(NotFound, match="no index named 'nope'"):
+                await c.index("nope")
+            page = await c.self_influence(SERVED_INDEX, limit=3)
+            assert len(page.results) == 3
+            return [m.results[0] for m in many]
+
+    got = asyncio.run(run())
+    for g, w in zip(got, want.results, strict=True):
+        assert [h.id for h in g.proponents] == [h.id for h in w.proponents]
+        assert [h.id for h in g.opponents] == [h.id for h in w.opponents]
+        assert [h.score for h in g.proponents] == pytest.approx(
+            [h.score for h in w.proponents], rel=1e-4, abs=1e-4)
