@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test lint unit bench bench-featurize clean
+.PHONY: demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
+
+# Train the digits classifier, index it and serve it on 127.0.0.1:8000 (reuses what is built).
+demo: $(STAMP)
+	$(BIN)/gradindex demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check indexer server client tests bench

@@ -1,4 +1,5 @@
-"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, db upgrade.
+"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, serve, keys,
+db upgrade.
 
 Errors a user can act on (unknown task, bad shard spec, unreachable database, unknown index)
 are printed as one line, without a traceback, and exit with status 1.
@@ -40,12 +41,23 @@ from .build import (
 from .config import CompressionConfig, PreconditionerConfig
 from .errors import GradindexError
 from .settings import Settings
-from .store import FaissConfig, downgrade, upgrade
+from .store import (
+    SCOPES,
+    FaissConfig,
+    connect,
+    create_key,
+    downgrade,
+    list_keys,
+    revoke_key,
+    upgrade,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="gradindex: a persistent gradient index for training-data attribution.")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server.")
+app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
 out = Console()
@@ -223,6 +235,128 @@ def delete_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None
     """Delete an index: its versions, rows and staged gradients."""
     _run(lambda: delete_index(Settings.from_env(), name))
     err.print(f"index {name!r} deleted")
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(
+        help="Address to listen on [default: GRADINDEX_HOST or 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port [default: GRADINDEX_PORT or 8000].")] = None,
+) -> None:
+    """Serve the indexes over HTTP (settings from GRADINDEX_*; API keys from `keys create`)."""
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    _serve(overrides)
+
+
+def _serve(overrides: dict[str, Any], banner: Callable[[Any], None] | None = None) -> None:
+    """Run the server with ``GRADINDEX_*`` settings and ``overrides``; errors as one line."""
+    from pydantic import ValidationError
+
+    from server import ServerSettings, run
+
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        _fail(f"invalid server settings (GRADINDEX_*): {problems}")
+        return
+    logging.getLogger("server").setLevel(logging.INFO)
+    if banner is not None:
+        banner(settings)
+    _run(lambda: run(settings))
+
+
+@app.command("demo")
+def demo_cmd(
+    build_only: Annotated[bool, typer.Option(
+        "--build-only", help="Train and index, then exit without serving.")] = False,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Train the digits classifier, index it and serve it; a second run reuses what is built.
+
+    On loopback the demo serves without API keys unless GRADINDEX_AUTH=on is set.
+    """
+    import os
+
+    from .demo import prepare_demo
+
+    settings = Settings.from_env()
+    with _progress() as update:
+        built = _run(lambda: prepare_demo(settings, progress=update))
+    err.print(f"index 'digits' {'built' if built else 'already built; reused'} in "
+              f"{settings.data_dir}", highlight=False)
+    if build_only:
+        return
+    overrides: dict[str, Any] = {"host": host, "port": port,
+                                 "data_dir": settings.data_dir,
+                                 "database_url": settings.database_url}
+    if "GRADINDEX_AUTH" not in os.environ:
+        overrides["auth"] = "off"
+
+    def banner(server_settings: Any) -> None:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{shown}:{port}"
+        header = ("" if not server_settings.auth_required
+                  else " -H 'Authorization: Bearer <key from gradindex keys create>'")
+        payload = json.dumps({"examples": [_first_test_digit()], "k": 5,
+                              "direction": "both"})
+        out.print(f"\n[bold]gradindex demo[/] is at [link={url}]{url}[/]\n", highlight=False)
+        out.print("Ask which training digits most helped and hurt a test digit:\n",
+                  highlight=False)
+        out.print(f"curl -s {url}/v1/indexes/digits/influence{header} \\\n"
+                  f"  -H 'Content-Type: application/json' -d '{payload}'\n",
+                  highlight=False, markup=False, soft_wrap=True)
+
+    _serve(overrides, banner)
+
+
+def _first_test_digit() -> dict[str, Any]:
+    from .tasks import load_digits_split
+
+    _, _, x_test, y_test = load_digits_split()
+    return {"x": [round(float(v), 4) for v in x_test[0]], "y": int(y_test[0])}
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[str, typer.Option(help=f"One of {', '.join(SCOPES)}.")] = "read",
+    name: Annotated[str, typer.Option(help="A label to tell keys apart.")] = "",
+) -> None:
+    """Create an API key and print its secret (shown this once only)."""
+    key, secret = _run(lambda: create_key(engine=connect(Settings.from_env()), scope=scope,
+                                          name=name))
+    err.print(f"key {key.id} ({key.scope}{', ' + key.name if key.name else ''}) created; "
+              "store its secret now, it is not shown again:")
+    out.print(secret, highlight=False, markup=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    all_keys: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+) -> None:
+    """The API keys (never their secrets)."""
+    keys = _run(lambda: list_keys(engine=connect(Settings.from_env()),
+                                  include_revoked=all_keys))
+    table = Table("id", "name", "scope", "prefix", "created", "revoked")
+    for k in keys:
+        table.add_row(str(k.id), k.name or "-", k.scope, k.prefix + "…",
+                      str(k.created_at)[:19], str(k.revoked_at or "-")[:19])
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id.")]) -> None:
+    """Revoke an API key for good."""
+    key = _run(lambda: revoke_key(engine=connect(Settings.from_env()), key_id=key_id))
+    err.print(f"key {key.id} ({key.scope}) revoked")
 
 
 @db_app.command("upgrade")
