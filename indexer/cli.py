@@ -378,3 +378,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision."
 def main() -> None:
     """Entry point of the ``gradindex`` script."""
     app(prog_name="gradindex")
+
+
+if __name__ == "__main__":  # `python -m indexer.cli`, as torchrun starts it
+    main()
