@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="About 300 requests per level.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
     total = 300 if args.quick else args.requests
 
     index = open_index(args.index)

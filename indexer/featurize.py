@@ -364,7 +364,10 @@ class Featurizer:
             return value[0]
 
         try:
-            per = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
+            # grad() ignores an outer no_grad, which here keeps the outer autograd from
+            # recording the per-example gradients through the model's other parameters
+            with torch.no_grad():
+                per = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
         except Exception as exc:  # noqa: BLE001 - any vmap failure means: do it one by one
             log.info("vmap over the task's loss failed (%s); looping over examples", exc)
             per = self._looped_grads(model, payloads, forward, head, flat_names)

@@ -194,3 +194,18 @@ def test_factorized_rejects_non_linear_modules(seq_task) -> None:
 
     with pytest.raises(ConfigError, match="nn.Linear"):
         Featurizer(ConvTask(), CompressionConfig(keep=0.5), device="cpu")
+
+
+@pytest.mark.parametrize("compressor", ["dropout", "gaussian"])
+def test_full_gradient_path_records_no_outer_graph(compressor: str) -> None:
+    """With trainable parameters left out of the attribution, the per-example gradients must
+    not stay in an autograd graph (which kept every projection chunk alive: 13 GB)."""
+
+    class HeadOnly(SequenceTask):
+        def modules(self, model):
+            return {"head": model.head}
+
+    task = HeadOnly()
+    feat = Featurizer(task, CompressionConfig(compressor=compressor, keep=0.5), device="cpu")
+    vectors = feat.raw([p for _, p in task.examples()][:4])
+    assert not vectors.requires_grad and vectors.grad_fn is None
