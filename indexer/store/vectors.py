@@ -8,7 +8,6 @@ can oversample candidates and return exact scores.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, GradindexError
+from .files import fsync_file
 
 __all__ = [
     "FAISS_KINDS",
@@ -184,11 +184,7 @@ def write_faiss(index: Any, path: Path) -> None:
     """Write ``index`` to ``path`` and fsync it."""
     faiss = _require_faiss()
     faiss.write_index(index, str(path))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def read_faiss(path: Path) -> Any:
