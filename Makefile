@@ -30,11 +30,21 @@ unit: $(STAMP)
 
 test: lint unit
 
-bench: $(STAMP)
-	$(BIN)/python bench/featurize.py
+# Long measurements; each writes its tables (and plots) and bench/RESULTS.md says which ran.
+bench: bench-featurize bench-fidelity bench-query bench-index
 
 bench-featurize: $(STAMP)
 	$(BIN)/python bench/featurize.py
+
+bench-fidelity: $(STAMP)
+	$(BIN)/python bench/fidelity.py
+
+bench-query: $(STAMP)
+	BIN=$(BIN) bench/query_load.sh
+
+# About 45 minutes and 11 GB at 1e6 vectors.
+bench-index: $(STAMP)
+	$(BIN)/python bench/index_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
