@@ -59,6 +59,9 @@ app.add_typer(db_app, name="db")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server.")
 app.add_typer(keys_app, name="keys")
 
+_C = CompressionConfig()  # the build options' defaults are the library's, in one place
+_P = PreconditionerConfig()
+
 err = Console(stderr=True)
 out = Console()
 T = TypeVar("T")
@@ -128,16 +131,18 @@ def build_cmd(
     name: Annotated[str, typer.Option(help="Index name.")],
     task_arg: Annotated[list[str] | None, typer.Option(
         help="Task constructor argument KEY=VALUE (JSON when it parses); repeatable.")] = None,
-    compressor: Annotated[str, typer.Option(help="Compressor.")] = "factorized-dropout",
+    compressor: Annotated[str, typer.Option(help="Compressor.")] = _C.compressor,
     keep: Annotated[float | None, typer.Option(help="Fraction of coordinates kept.")] = None,
-    dim: Annotated[int, typer.Option(help="Compressed size per mask (when --keep unset).")] = 4096,
-    masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed of every mask.")] = 0,
-    fisher: Annotated[str, typer.Option(help="empirical | sampled | expected.")] = "empirical",
-    samples: Annotated[int, typer.Option(help="Targets per example (sampled Fisher).")] = 4,
-    shape: Annotated[str, typer.Option(help="block | full | identity.")] = "block",
-    damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = 0.1,
-    batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = 32,
+    dim: Annotated[int, typer.Option(
+        help="Compressed size per mask (when --keep unset).")] = _C.dim or 4096,
+    masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = _C.masks,
+    seed: Annotated[int, typer.Option(help="Seed of every mask.")] = _C.seed,
+    fisher: Annotated[str, typer.Option(help="empirical | sampled | expected.")] = _P.fisher,
+    samples: Annotated[int, typer.Option(
+        help="Targets per example (sampled Fisher).")] = _P.samples,
+    shape: Annotated[str, typer.Option(help="block | full | identity.")] = _P.shape,
+    damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = _P.damping,
+    batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = _C.batch_size,
     chunk_size: Annotated[int, typer.Option(help="Examples per staging chunk.")] = 1024,
     window: Annotated[int, typer.Option(help="Examples per finalize step.")] = 4096,
     faiss: Annotated[str, typer.Option(help="flat | hnsw | ivf.")] = "flat",

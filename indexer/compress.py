@@ -96,6 +96,8 @@ class Compressor:
 
     name: ClassVar[str]
     uses_hooks: ClassVar[bool]
+    exact_at_full_keep: ClassVar[bool] = True
+    """At keep = 1 every mask keeps everything, so several masks would be identical copies."""
 
     def __init__(
         self,
@@ -331,9 +333,13 @@ class SjltCompressor(FactorizedDropoutCompressor):
         blocks = []
         for layer, (_, wide_k) in zip(self.layers, self.blocks, strict=True):
             k = min(_layer_k(layer, keep), wide_k)
-            gen = self._gen(layer, "sjlt")
-            self.buckets[layer.name] = torch.randint(0, k, (wide_k,), generator=gen)
-            self.signs[layer.name] = torch.randint(0, 2, (wide_k,), generator=gen) * 2.0 - 1.0
+            if k == wide_k:  # nothing to fold: the kept coordinates pass through unchanged
+                self.buckets[layer.name] = torch.arange(k)
+                self.signs[layer.name] = torch.ones(k)
+            else:
+                gen = self._gen(layer, "sjlt")
+                self.buckets[layer.name] = torch.randint(0, k, (wide_k,), generator=gen)
+                self.signs[layer.name] = torch.randint(0, 2, (wide_k,), generator=gen) * 2.0 - 1.0
             blocks.append((layer.name, k))
         self.blocks = blocks
 
@@ -359,6 +365,7 @@ class GaussianCompressor(Compressor):
 
     name = "gaussian"
     uses_hooks = False
+    exact_at_full_keep = False
     CHUNK = 4096
 
     def __init__(

@@ -31,11 +31,11 @@ class CompressionConfig:
     keep: float | None = None
     """Fraction of gradient coordinates kept, in (0, 1]. Exclusive with `dim`."""
 
-    dim: int | None = 4096
+    dim: int | None = 2048
     """Target compressed size per mask and checkpoint (k); turned into `keep` from the model's
     size and capped at 1. Exclusive with `keep`; used when `keep` is None."""
 
-    masks: int = 1
+    masks: int = 2
     """Independent masks per checkpoint; their vectors are concatenated and their scores
     averaged."""
 

@@ -132,11 +132,15 @@ class Featurizer:
         self.total_params = sum(layer.numel for layer in self.layers)
         self.keep = self.config.resolve_keep(self.total_params)
         cls = COMPRESSORS[self.config.compressor]
+        masks = self.config.masks
+        if masks > 1 and self.keep >= 1.0 and cls.exact_at_full_keep:
+            log.info("keep = 1: the %d masks would be identical; using one", masks)
+            masks = 1
         if compressors is None:
             compressors = [
                 [
                     cls(self.layers, self.keep, self.config, checkpoint=c, mask=m)
-                    for m in range(self.config.masks)
+                    for m in range(masks)
                 ]
                 for c in range(len(self.checkpoints))
             ]
@@ -164,7 +168,7 @@ class Featurizer:
             "dim": self.dim,
             "groups": self.groups,
             "checkpoints": len(self.checkpoints),
-            "masks": self.config.masks,
+            "masks": len(self.compressors[0]),
             "total_params": self.total_params,
             "layers": [
                 {"name": ly.name, "rows": ly.rows, "cols": ly.cols, "bias": ly.bias}
