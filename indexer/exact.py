@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_map
 
 from .compress import Layer, describe_layers
 from .errors import ConfigError, GradindexError, TaskError
+from .featurize import _Objective
 from .task import Task, attributed_modules, load_model
 
 __all__ = ["ExactInfluence"]
@@ -103,18 +104,8 @@ class ExactInfluence:
 
     def _call(self, fn: Callable[[nn.Module, Any], torch.Tensor], theta: torch.Tensor,
               batch: Any) -> torch.Tensor:
-        model = self.model
-
-        class _Wrap(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, b: Any) -> torch.Tensor:
-                return fn(self.model, b)
-
         params = {"model." + k: v for k, v in self._params(theta).items()}
-        result: torch.Tensor = functional_call(_Wrap(), params, (batch,))
+        result: torch.Tensor = functional_call(_Objective(self.model, fn), params, (batch,))
         return result
 
     def _batches(self, payloads: Sequence[dict[str, Any]]) -> list[Any]:

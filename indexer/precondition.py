@@ -176,7 +176,7 @@ class Preconditioner:
         """``(F̃+λI)⁻¹ g̃`` for rows ``raw [B, dim]``; float32 result."""
         if raw.shape[-1] != self.dim:
             raise GradindexError(f"vectors have {raw.shape[-1]} columns, expected {self.dim}")
-        out = raw.to(torch.float64).clone()
+        out = raw.to(torch.float64, copy=True)
         for factor, (lo, hi) in zip(self.factors, self.ranges, strict=True):
             out[:, lo:hi] = torch.cholesky_solve(out[:, lo:hi].T.contiguous(), factor).T
         return out.float()
