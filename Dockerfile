@@ -32,13 +32,13 @@ RUN if ! command -v python3 >/dev/null; then \
 # torch first, from the chosen wheel index, so the project's torch range installs nothing more.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
 
-WORKDIR /app
+# The package is installed from a wheel, not in editable mode: the image runs what users install.
+WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY indexer ./indexer
-COPY server ./server
+COPY gradindex ./gradindex
 COPY client ./client
-COPY migrations ./migrations
-RUN pip install -e .
+RUN pip install . && rm -rf /src
+WORKDIR /app
 
 RUN useradd --system --create-home --uid 10001 gradindex \
     && mkdir -p /data && chown gradindex:gradindex /data

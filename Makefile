@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/gradindex demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check indexer server client tests bench examples
+	$(BIN)/ruff check gradindex client tests bench examples
 	$(BIN)/mypy
 
 unit: $(STAMP)

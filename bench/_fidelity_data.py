@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexer import ExactInfluence, random_subsets, retrain_losses
-from indexer.tasks import (
+from gradindex import ExactInfluence
+from gradindex.indexer.evaluate import random_subsets, retrain_losses
+from gradindex.indexer.tasks import (
     ArrayClassificationTask,
     load_digits_split,
     make_digits_model,

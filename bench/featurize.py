@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer import CompressionConfig, Featurizer  # noqa: E402
+from gradindex import CompressionConfig, Featurizer  # noqa: E402
 
 COMPRESSORS = ["factorized-dropout", "dropout", "dropout-sjlt", "gaussian"]
 

@@ -46,15 +46,8 @@ from _fidelity_data import (  # noqa: E402
     one_thread,
 )
 
-from indexer import (  # noqa: E402
-    CompressionConfig,
-    Featurizer,
-    InMemoryIndex,
-    PreconditionerConfig,
-    Task,
-    lds,
-    topk_overlap,
-)
+from gradindex import CompressionConfig, Featurizer, InMemoryIndex, PreconditionerConfig, Task, lds
+from gradindex.indexer.evaluate import topk_overlap
 
 log = logging.getLogger("fidelity")
 

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.store import FaissConfig, build_faiss, measure_recall, search_faiss, write_faiss
+from gradindex.indexer.store import (
+    FaissConfig,
+    build_faiss,
+    measure_recall,
+    search_faiss,
+    write_faiss,
+)
 
 DIM = 1024
 K = 10

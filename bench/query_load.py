@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from gradindex_client import Client
 
-from client import Client
-from indexer import Index, open_index
+from gradindex import open_index
+from gradindex.indexer.reader import Index
 
 K = 10
 log = logging.getLogger("bench.query_load")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from indexer.settings import Settings
-from indexer.store import upgrade
-from indexer.tasks import DigitsTask
+from gradindex.indexer.settings import Settings
+from gradindex.indexer.store import upgrade
+from gradindex.indexer.tasks import DigitsTask
 
 from .factories import SequenceTask
 
@@ -39,7 +39,7 @@ def seq_task() -> SequenceTask:
 
 PG_HOST = "127.0.0.1"
 PG_ADMIN_URL = f"postgresql+psycopg://postgres@{PG_HOST}:5432/postgres"
-STORE_TASK = "indexer.tasks:DigitsTask"
+STORE_TASK = "gradindex.indexer.tasks:DigitsTask"
 STORE_TASK_ARGS = {"model": "logreg", "train_size": 300}
 
 
@@ -75,7 +75,7 @@ def pg_databases() -> Iterator[Callable[[], str]]:
         return f"postgresql+psycopg://postgres@{PG_HOST}:5432/{name}"
 
     yield make
-    from indexer.store.db import dispose_engines
+    from gradindex.indexer.store.db import dispose_engines
 
     dispose_engines()
     with psycopg.connect(host=PG_HOST, user="postgres", dbname="postgres",
@@ -100,7 +100,7 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> It
     if url is not None:
         upgrade(settings)
     yield settings
-    from indexer.store.db import dispose_engines
+    from gradindex.indexer.store.db import dispose_engines
 
     dispose_engines()
 
@@ -120,7 +120,7 @@ CLI_BUILD = ["build", "--task", STORE_TASK, "--name", SERVED_INDEX, "--batch-siz
              *[a for k, v in STORE_TASK_ARGS.items() for a in ("--task-arg", f"{k}={v}")]]
 
 
-GRADINDEX = [sys.executable, "-c", "from indexer.cli import main; main()"]
+GRADINDEX = [sys.executable, "-c", "from gradindex.cli import main; main()"]
 """The ``gradindex`` command, run by this interpreter."""
 
 
@@ -202,7 +202,7 @@ class LiveServer:
 
 def make_key(settings: Settings, scope: str, name: str = "") -> tuple[int, str]:
     """A new API key (id, secret) in the database of ``settings``."""
-    from indexer.store import connect, create_key
+    from gradindex.indexer.store import connect, create_key
 
     key, secret = create_key(engine=connect(settings), scope=scope, name=name)
     return key.id, secret
@@ -212,7 +212,7 @@ def corrupt_fingerprint(settings: Settings, name: str) -> None:
     """Make index ``name`` look built from other weights than its task now loads."""
     import json
 
-    from indexer import open_index
+    from gradindex import open_index
 
     folder = open_index(name, settings).folder
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -226,7 +226,7 @@ def server_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     ``stale``, an index whose model weights no longer match (the server must refuse it)."""
     settings = Settings(data_dir=tmp_path_factory.mktemp("served") / "data")
     gradindex_cli(settings, *CLI_BUILD)
-    from indexer import BuildConfig, CompressionConfig, build
+    from gradindex import BuildConfig, CompressionConfig, build
 
     build(BuildConfig(name="stale", task=STORE_TASK, task_args=dict(STORE_TASK_ARGS),
                       compression=CompressionConfig(batch_size=64)), settings)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexer.errors import TaskError
+from gradindex.indexer.errors import TaskError
 
 
 class SequenceModel(nn.Module):

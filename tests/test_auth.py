@@ -7,17 +7,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gradindex_client import AuthenticationError, Client, PermissionDenied
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from client import AuthenticationError, Client, PermissionDenied
-from indexer import Settings
-from indexer.cli import app
-from indexer.store import ApiKey, connect, downgrade, hash_secret, upgrade, verify_key
-from indexer.store.db import dispose_engines, tables
-from server import ServerSettings
+from gradindex import Settings
+from gradindex.cli import app
+from gradindex.indexer.store import ApiKey, connect, downgrade, hash_secret, upgrade, verify_key
+from gradindex.indexer.store.db import dispose_engines, tables
+from gradindex.server import ServerSettings
 
 from .conftest import SERVED_INDEX, LiveServer, make_key, storage_env
 

@@ -9,25 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import (
+from gradindex import (
     BuildConfig,
     CompressionConfig,
-    ConfigError,
-    ExampleNotFound,
     FaissConfig,
     Featurizer,
-    IndexNotFound,
     InMemoryIndex,
     PreconditionerConfig,
     Settings,
     build,
-    delete_index,
-    index_info,
-    list_indexes,
     open_index,
     refinalize,
 )
-from indexer.tasks import DigitsTask
+from gradindex.indexer.build import delete_index, index_info, list_indexes
+from gradindex.indexer.errors import ConfigError, ExampleNotFound, IndexNotFound
+from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
 

@@ -14,18 +14,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from indexer import (
-    BuildConfig,
-    CompressionConfig,
-    IndexNotFound,
-    Settings,
-    Staging,
-    build,
-    finalize,
-    open_index,
-)
-from indexer.build import PAUSE_CHUNKS_ENV, PAUSE_FINALIZE_ENV, PAUSED_MARK
-from indexer.store import ExampleRow, IndexVersion, connect
+from gradindex import BuildConfig, CompressionConfig, Settings, build, open_index
+from gradindex.indexer.build import PAUSE_CHUNKS_ENV, PAUSE_FINALIZE_ENV, PAUSED_MARK, finalize
+from gradindex.indexer.errors import IndexNotFound
+from gradindex.indexer.staging import Staging
+from gradindex.indexer.store import ExampleRow, IndexVersion, connect
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
 
@@ -48,7 +41,7 @@ def run_cli(data_dir: Path, args: list[str], pause: dict[str, str] | None = None
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADINDEX_")}
     env.update({"GRADINDEX_DATA_DIR": str(data_dir), "COLUMNS": "120", **(pause or {})})
     return subprocess.Popen(
-        [sys.executable, "-c", "from indexer.cli import main; main()", *args],
+        [sys.executable, "-c", "from gradindex.cli import main; main()", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

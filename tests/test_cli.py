@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from indexer import Settings
-from indexer.cli import app, parse_task_args
+from gradindex import Settings
+from gradindex.cli import app, parse_task_args
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
 

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from typing import Any
 
+import gradindex_client as client
 import httpx
 import pytest
-
-import client
-from client import (
+from gradindex_client import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -23,14 +22,15 @@ from client import (
     PermissionDenied,
     ServiceUnavailable,
 )
-from indexer.tasks import DigitsTask
+
+from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import REPO, SERVED_INDEX, LiveServer
 
 
 def test_importing_client_imports_neither_torch_nor_faiss_nor_numpy() -> None:
-    code = ("import sys, client; heavy = {'torch', 'faiss', 'numpy', 'indexer', 'server'} & "
-            "set(sys.modules); assert not heavy, heavy; print(len(client.__all__))")
+    code = ("import sys, gradindex_client; heavy = {'torch', 'faiss', 'numpy', 'gradindex'} & "
+            "set(sys.modules); assert not heavy, heavy; print(len(gradindex_client.__all__))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr

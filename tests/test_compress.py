@@ -10,9 +10,14 @@ import sys
 import pytest
 import torch
 
-from indexer import CompressionConfig, ConfigError, ExactInfluence, Featurizer
-from indexer.compress import DropoutCompressor, FactorizedDropoutCompressor, GaussianCompressor
-from indexer.masks import split_keep
+from gradindex import CompressionConfig, ExactInfluence, Featurizer
+from gradindex.indexer.compress import (
+    DropoutCompressor,
+    FactorizedDropoutCompressor,
+    GaussianCompressor,
+)
+from gradindex.indexer.errors import ConfigError
+from gradindex.indexer.masks import split_keep
 
 from .factories import SequenceTask
 
@@ -108,8 +113,8 @@ def test_vectors_do_not_depend_on_batching(seq_task) -> None:
 
 MASK_SCRIPT = """
 import json, sys
-from indexer import CompressionConfig
-from indexer.compress import Layer, COMPRESSORS
+from gradindex import CompressionConfig
+from gradindex.indexer.compress import Layer, COMPRESSORS
 layers = [Layer("enc.fc1", 300, 129, True, True), Layer("enc.fc2", 17, 300, True, False)]
 out = {}
 for name in ["factorized-dropout", "dropout", "dropout-sjlt"]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import Settings, open_index
-from indexer.demo import demo_weights, prepare_demo
-from indexer.tasks import DigitsTask
+from gradindex import Settings, open_index
+from gradindex.indexer.demo import demo_weights, prepare_demo
+from gradindex.indexer.tasks import DigitsTask
 
 
 def test_demo_builds_once_and_answers_queries(tmp_path: Path) -> None:

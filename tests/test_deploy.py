@@ -75,6 +75,7 @@ def test_dockerfile_is_slim_non_root_cpu_by_default() -> None:
     assert re.search(r"^USER gradindex$", text, re.M)
     assert "useradd" in text and "HEALTHCHECK" in text and "/v1/health" in text
     assert re.search(r"^ENV .*GRADINDEX_DATA_DIR=/data", text, re.M | re.S)
-    assert "COPY migrations" in text
+    assert "COPY gradindex ./gradindex" in text  # the migrations ship inside the package
+    assert re.search(r"^RUN pip install \. ", text, re.M) and "pip install -e" not in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".gradindex" in ignored

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from indexer import Settings, open_index
+from gradindex import Settings, open_index
 
 from .conftest import REPO, gradindex_cli
 

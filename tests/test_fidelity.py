@@ -11,16 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from indexer import (
-    CompressionConfig,
-    ExactInfluence,
-    InMemoryIndex,
-    PreconditionerConfig,
-    lds,
-    random_subsets,
-    retrain_losses,
-)
-from indexer.tasks import make_digits_model, train_classifier
+from gradindex import CompressionConfig, ExactInfluence, InMemoryIndex, PreconditionerConfig, lds
+from gradindex.indexer.evaluate import random_subsets, retrain_losses
+from gradindex.indexer.tasks import make_digits_model, train_classifier
 
 from .conftest import WEIGHT_DECAY
 

@@ -10,13 +10,13 @@ import httpx
 import numpy as np
 import pytest
 import schemathesis
+from gradindex_client import Client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import Client
-from indexer import Settings, open_index
-from indexer.tasks import DigitsTask
-from server import ServerSettings, create_app
+from gradindex import Settings, open_index
+from gradindex.indexer.tasks import DigitsTask
+from gradindex.server import ServerSettings, create_app
 
 from .conftest import SERVED_INDEX, LiveServer
 

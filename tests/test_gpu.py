@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from indexer import CompressionConfig, Featurizer
+from gradindex import CompressionConfig, Featurizer
 
 from .factories import SequenceTask
 

@@ -7,17 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from indexer import (
+from gradindex import (
     CompressionConfig,
-    ConfigError,
     ExactInfluence,
     Featurizer,
-    FisherAccumulator,
     GradindexError,
     InMemoryIndex,
-    Preconditioner,
     PreconditionerConfig,
 )
+from gradindex.indexer.errors import ConfigError
+from gradindex.indexer.precondition import FisherAccumulator, Preconditioner
 
 from .conftest import WEIGHT_DECAY
 

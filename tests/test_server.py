@@ -12,16 +12,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from gradindex_client import (
     Client,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
 )
-from indexer import Index, Settings, open_index, refinalize
-from indexer.tasks import DigitsTask
+
+from gradindex import Settings, open_index, refinalize
+from gradindex.indexer.reader import Index
+from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import SERVED_INDEX, LiveServer
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradindex_client import Client, NotFound
 from typer.testing import CliRunner
 
-from client import Client, NotFound
-from indexer import Settings, open_index
-from indexer.cli import app
-from indexer.store import upgrade
-from indexer.store.db import dispose_engines
-from indexer.tasks import DigitsTask
+from gradindex import Settings, open_index
+from gradindex.cli import app
+from gradindex.indexer.store import upgrade
+from gradindex.indexer.store.db import dispose_engines
+from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import CLI_BUILD, SERVED_INDEX, LiveServer, make_key, storage_env
 

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from indexer import CompressionConfig, Featurizer, NonFiniteLoss, TaskError
-from indexer.tasks import DigitsTask
-from server.errors import Overloaded
-from server.metrics import Metrics
-from server.worker import DeviceWorker
+from gradindex import CompressionConfig, Featurizer, TaskError
+from gradindex.indexer.errors import NonFiniteLoss
+from gradindex.indexer.tasks import DigitsTask
+from gradindex.server.errors import Overloaded
+from gradindex.server.metrics import Metrics
+from gradindex.server.worker import DeviceWorker
 
 ATOL = 1e-5
 

@@ -11,35 +11,32 @@ import pytest
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from indexer import (
+from gradindex import (
     BuildConfig,
     CompressionConfig,
-    ConfigError,
     FaissConfig,
     Featurizer,
     PreconditionerConfig,
     Settings,
-    StorageError,
     build,
-    example_metadata,
-    load_manifest,
     open_index,
-    parse_shard,
-    save_manifest,
-    shard_from_env,
 )
-from indexer.store import (
+from gradindex.indexer.build import example_metadata, parse_shard, shard_from_env
+from gradindex.indexer.errors import ConfigError, StorageError
+from gradindex.indexer.store import (
     ExampleRow,
     build_faiss,
     connect,
     downgrade,
     exact_topk,
+    load_manifest,
     measure_recall,
+    save_manifest,
     search_faiss,
     upgrade,
 )
-from indexer.store.db import dispose_engines, tables
-from indexer.tasks import DigitsTask
+from gradindex.indexer.store.db import dispose_engines, tables
+from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
 

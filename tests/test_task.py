@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from indexer import CompressionConfig, Featurizer, NonFiniteLoss, TaskError, TaskSpec, load_task
-from indexer.tasks import DigitsTask
+from gradindex import CompressionConfig, Featurizer, TaskError, load_task
+from gradindex.indexer.errors import NonFiniteLoss
+from gradindex.indexer.task import TaskSpec
+from gradindex.indexer.tasks import DigitsTask
 
 from .factories import MeanLossTask, NanLossTask
 
 
 def test_load_task_from_module_spec_with_arguments() -> None:
-    task = load_task("indexer.tasks:DigitsTask", model="logreg", train_size=50)
+    task = load_task("gradindex.indexer.tasks:DigitsTask", model="logreg", train_size=50)
     assert isinstance(task, DigitsTask)
     assert len(list(task.examples())) == 50
 
@@ -23,7 +25,7 @@ def test_load_task_from_file_that_imports_its_neighbour(tmp_path: Path) -> None:
     (tmp_path / "helper_mod_for_task.py").write_text("SIZE = 7\n")
     (tmp_path / "my_task.py").write_text(textwrap.dedent("""
         from helper_mod_for_task import SIZE
-        from indexer.tasks import DigitsTask
+        from gradindex.indexer.tasks import DigitsTask
 
         class Small(DigitsTask):
             def __init__(self, scale=1):
@@ -38,11 +40,11 @@ def test_load_task_from_file_that_imports_its_neighbour(tmp_path: Path) -> None:
     ("spec", "message"),
     [
         ("no_colon_here", "must look like"),
-        ("indexer.tasks:", "must look like"),
+        ("gradindex.indexer.tasks:", "must look like"),
         ("not_a_module_xyz:Task", "cannot import module"),
-        ("indexer.tasks:NoSuchTask", "has no attribute 'NoSuchTask'"),
-        ("indexer.tasks:load_digits_split", "not a task class"),
-        ("indexer.errors:TaskError", "lacks required methods"),
+        ("gradindex.indexer.tasks:NoSuchTask", "has no attribute 'NoSuchTask'"),
+        ("gradindex.indexer.tasks:load_digits_split", "not a task class"),
+        ("gradindex.indexer.errors:TaskError", "lacks required methods"),
         ("/nonexistent/dir/task.py:Task", "does not exist"),
     ],
 )
@@ -53,7 +55,7 @@ def test_bad_specs_raise_clear_errors(spec: str, message: str) -> None:
 
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(TaskError, match="rejected its arguments"):
-        load_task("indexer.tasks:DigitsTask", colour="blue")
+        load_task("gradindex.indexer.tasks:DigitsTask", colour="blue")
 
 
 def test_task_file_that_fails_to_import(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from gradindex_client import Client, NotFound
 
-from client import Client, NotFound
-from indexer import Settings
-from indexer.tasks import load_digits_split
+from gradindex import Settings
+from gradindex.indexer.tasks import load_digits_split
 
 from .conftest import REPO, LiveServer, gradindex_cli, make_key
 

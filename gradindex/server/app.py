@@ -18,8 +18,8 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import indexer
-from indexer.store import connect
+from gradindex import __version__
+from gradindex.indexer.store import connect
 
 from .browse import browse_router
 from .errors import error_response, install_error_handlers
@@ -156,7 +156,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await registry.stop()
 
-    app = FastAPI(title="gradindex", version=indexer.__version__, description=DESCRIPTION,
+    app = FastAPI(title="gradindex", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry

@@ -434,7 +434,7 @@ def featurize(
     Args:
         featurizer: the task's featurizer (models and masks).
         payloads: JSON payloads the task's ``collate`` accepts.
-        preconditioner: a fitted :class:`indexer.precondition.Preconditioner` for index vectors.
+        preconditioner: a fitted :class:`.precondition.Preconditioner` for index vectors.
 
     Returns:
         ``[B, dim]`` float32 tensor on cpu.

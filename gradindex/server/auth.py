@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from indexer.store import KeyInfo, connect, verify_key
+from gradindex.indexer.store import KeyInfo, connect, verify_key
 
 from .errors import Forbidden, Unauthorized
 from .settings import ServerSettings

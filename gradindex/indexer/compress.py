@@ -1,7 +1,7 @@
 """Compressors: how a per-example gradient becomes a short vector (C in DESIGN §1).
 
 Each compressor is a small class registered under the name users type. One instance covers one
-(checkpoint, mask) pair and draws its masks from :mod:`indexer.masks`, so it is a pure function
+(checkpoint, mask) pair and draws its masks from :mod:`.masks`, so it is a pure function
 of its settings. Two families:
 
 * hook compressors (``uses_hooks = True``) work from each linear layer's captured inputs ``x``

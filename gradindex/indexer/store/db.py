@@ -3,7 +3,7 @@
 Tables: ``indexes``, ``index_versions`` (manifest, status, current flag), ``examples`` (one row
 per training example of a version; its id is the example's FAISS id), ``build_progress`` and
 ``api_keys`` (hashed server keys).
-The schema itself is owned by the Alembic migrations in the repository's ``migrations/``.
+The schema itself is owned by the Alembic migrations shipped as ``gradindex.migrations``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,8 @@ _LOCK = threading.Lock()
 
 
 def migrations_dir() -> Path:
-    """The Alembic folder, ``migrations/`` at the repository root."""
-    return Path(__file__).resolve().parents[2] / "migrations"
+    """The Alembic folder, shipped inside the package as ``gradindex.migrations``."""
+    return Path(str(resources.files("gradindex.migrations")))
 
 
 def _alembic_config(engine: Engine) -> Any:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from indexer.settings import DEFAULT_DATA_DIR, Settings
+from gradindex.indexer.settings import DEFAULT_DATA_DIR, Settings
 
 __all__ = ["ServerSettings", "is_loopback"]
 

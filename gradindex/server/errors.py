@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from indexer.errors import (
+from gradindex.indexer.errors import (
     ConfigError,
     ExampleNotFound,
     GradindexError,
@@ -23,7 +23,7 @@ from indexer.errors import (
     StorageError,
     TaskError,
 )
-from indexer.store import KeyNotFound
+from gradindex.indexer.store import KeyNotFound
 
 __all__ = [
     "STATUS",

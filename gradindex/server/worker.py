@@ -3,7 +3,7 @@
 Requests wait in a bounded queue; one loop takes up to ``max_batch`` examples (waiting at most
 ``max_wait`` for more to arrive), computes their query vectors in one model pass on the
 worker's own thread, and hands each request its rows. A full queue is refused at once
-(:class:`~server.errors.Overloaded`, 503 with ``Retry-After``). When a pass fails, its requests
+(:class:`~.errors.Overloaded`, 503 with ``Retry-After``). When a pass fails, its requests
 are retried one by one, so a bad payload fails only its own request.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from indexer.errors import GradindexError, TaskError
-from indexer.featurize import Featurizer
+from gradindex.indexer.errors import GradindexError, TaskError
+from gradindex.indexer.featurize import Featurizer
 
 from .errors import Overloaded
 from .metrics import Metrics

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .build import (
+from .indexer.build import (
     BuildConfig,
     build,
     delete_index,
@@ -38,10 +38,10 @@ from .build import (
     refinalize,
     shard_from_env,
 )
-from .config import CompressionConfig, PreconditionerConfig
-from .errors import GradindexError
-from .settings import Settings
-from .store import (
+from .indexer.config import CompressionConfig, PreconditionerConfig
+from .indexer.errors import GradindexError
+from .indexer.settings import Settings
+from .indexer.store import (
     SCOPES,
     FaissConfig,
     connect,
@@ -262,7 +262,7 @@ def _serve(overrides: dict[str, Any], banner: Callable[[Any], None] | None = Non
     """Run the server with ``GRADINDEX_*`` settings and ``overrides``; errors as one line."""
     from pydantic import ValidationError
 
-    from server import ServerSettings, run
+    from gradindex.server import ServerSettings, run
 
     try:
         settings = ServerSettings(**overrides)
@@ -291,7 +291,7 @@ def demo_cmd(
     """
     import os
 
-    from .demo import prepare_demo
+    from .indexer.demo import prepare_demo
 
     settings = Settings.from_env()
     with _progress() as update:
@@ -324,7 +324,7 @@ def demo_cmd(
 
 
 def _first_test_digit() -> dict[str, Any]:
-    from .tasks import load_digits_split
+    from .indexer.tasks import load_digits_split
 
     _, _, x_test, y_test = load_digits_split()
     return {"x": [round(float(v), 4) for v in x_test[0]], "y": int(y_test[0])}
@@ -385,5 +385,5 @@ def main() -> None:
     app(prog_name="gradindex")
 
 
-if __name__ == "__main__":  # `python -m indexer.cli`, as torchrun starts it
+if __name__ == "__main__":  # `python -m gradindex.cli`, as torchrun starts it
     main()

@@ -19,7 +19,7 @@ __all__ = ["DEMO_TASK", "prepare_demo"]
 
 log = logging.getLogger(__name__)
 
-DEMO_TASK = "indexer.tasks:DigitsTask"
+DEMO_TASK = "gradindex.indexer.tasks:DigitsTask"
 """The task the demo index is built from."""
 
 DEMO_HIDDEN = 32

@@ -1,10 +1,12 @@
 """gradindex's HTTP client: ``Client`` and ``AsyncClient`` (httpx and pydantic only).
 
-    from client import Client
+    from gradindex_client import Client
     with Client("http://127.0.0.1:8000", api_key="gik_...") as c:
         top = c.influence("digits", [{"x": [...], "y": 3}], k=10, direction="both")
         top.to_pandas()
 """
+
+__version__ = "0.1.0"
 
 from ._client import DEFAULT_URL, AsyncClient, Client
 from ._errors import (
@@ -52,4 +54,5 @@ __all__ = [
     "SelfInfluencePage",
     "ServiceUnavailable",
     "TrainingExample",
+    "__version__",
 ]

@@ -1,6 +1,6 @@
 """The indexes a server serves: opened at start-up, reopened when a new version is published.
 
-Each index is read through the indexer's :class:`~indexer.reader.Index`; its queries go to the
+Each index is read through the indexer's :class:`~.reader.Index`; its queries go to the
 device worker of its model, shared by every index (and version) built from the same task,
 compression and weights. An index the server cannot serve (inconsistent files, model weights
 that no longer match) is refused with a log line, and the others are served.
@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.build import list_indexes
-from indexer.errors import GradindexError, IndexNotFound, StorageError, TaskError
-from indexer.reader import Index, open_index
-from indexer.settings import check_name
+from gradindex.indexer.build import list_indexes
+from gradindex.indexer.errors import GradindexError, IndexNotFound, StorageError, TaskError
+from gradindex.indexer.reader import Index, open_index
+from gradindex.indexer.settings import check_name
 
 from .errors import IndexUnavailable
 from .metrics import Metrics

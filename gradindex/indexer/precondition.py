@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 FISHER_KINDS = ("empirical", "sampled", "expected")
-"""Which gradients estimate the Fisher; see :meth:`indexer.featurize.Featurizer.fisher`."""
+"""Which gradients estimate the Fisher; see :meth:`.featurize.Featurizer.fisher`."""
 
 SHAPES: dict[str, type[Shape]] = {}
 

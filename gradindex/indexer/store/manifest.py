@@ -52,7 +52,7 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape an index's numbers."""
     import numpy
 
-    from .. import __version__
+    from ... import __version__
 
     versions = {
         "gradindex": __version__,

@@ -2,7 +2,7 @@
 self-influence and examples.
 
 Routes stay thin: query vectors come from the index's device worker, everything else from the
-indexer's :class:`~indexer.reader.Index`, run on the thread pool, never on the event loop.
+indexer's :class:`~gradindex.indexer.reader.Index`, run on the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-import indexer
-from indexer.build import index_info, list_indexes
-from indexer.errors import ConfigError, TaskError
-from indexer.reader import Hit
+from gradindex import __version__
+from gradindex.indexer.build import index_info, list_indexes
+from gradindex.indexer.errors import ConfigError, TaskError
+from gradindex.indexer.reader import Hit
 
 from .auth import AdminKey, ReadKey
 from .indexes import IndexRegistry, Served
@@ -148,7 +148,7 @@ def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
 @health_router.get("/v1/health", response_model=Health)
 async def health(registry: Registry, settings: SettingsDep) -> Health:
     """Liveness: the server answers and its device workers run (no key needed)."""
-    return Health(status="ok", contract=CONTRACT_VERSION, version=indexer.__version__,
+    return Health(status="ok", contract=CONTRACT_VERSION, version=__version__,
                   auth=settings.auth_required, indexes=len(registry.served),
                   devices=sorted({w.device for w in registry.workers}))
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from indexer.errors import TaskError
+from gradindex.indexer.errors import TaskError
 
 from .auth import ReadKey
 from .indexes import Served

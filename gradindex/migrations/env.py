@@ -9,8 +9,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from indexer.settings import Settings
-from indexer.store.db import Base
+from gradindex.indexer.settings import Settings
+from gradindex.indexer.store.db import Base
 
 config = context.config
 target_metadata = Base.metadata
