@@ -27,13 +27,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .indexer.admin import delete_index, index_info, list_indexes
 from .indexer.build import (
     BuildConfig,
     build,
-    delete_index,
     finalize,
-    index_info,
-    list_indexes,
     parse_shard,
     refinalize,
     shard_from_env,

@@ -21,7 +21,7 @@ from gradindex import (
     open_index,
     refinalize,
 )
-from gradindex.indexer.build import delete_index, index_info, list_indexes
+from gradindex.indexer.admin import delete_index, index_info, list_indexes
 from gradindex.indexer.errors import ConfigError, ExampleNotFound, IndexNotFound
 from gradindex.indexer.tasks import DigitsTask
 
@@ -98,8 +98,8 @@ def test_search_matches_in_memory(
     top = index.self_influence(5)
     expected_si = np.sort(reference.self_influence.numpy())[::-1][:5]
     np.testing.assert_allclose([h.score for h in top], expected_si, rtol=RTOL)
-    assert index.example("train-5").payload == featurizer.task.payload(5)  # type: ignore[attr-defined]
-    assert index.example("train-5").meta == {"label": int(featurizer.task.y[5])}  # type: ignore[attr-defined]
+    assert index.example("train-5").payload == featurizer.task.task.payload(5)
+    assert index.example("train-5").meta == {"label": int(featurizer.task.task.y[5])}
 
 
 def test_filter_delete_and_refinalize(

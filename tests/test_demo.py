@@ -22,7 +22,7 @@ def test_demo_builds_once_and_answers_queries(tmp_path: Path) -> None:
     assert index.count == 1000
     assert index.manifest["task"]["args"]["weights"] == str(weights)
     task = index.featurizer.task
-    assert isinstance(task, DigitsTask)
+    assert isinstance(task.task, DigitsTask)
     gallery = task.queries()
     assert len(gallery) == 797 and gallery[0][0] == "test-0"
 

@@ -21,7 +21,7 @@ from gradindex import (
     build,
     open_index,
 )
-from gradindex.indexer.build import example_metadata, parse_shard, shard_from_env
+from gradindex.indexer.build import parse_shard, shard_from_env
 from gradindex.indexer.errors import ConfigError, StorageError
 from gradindex.indexer.store import (
     ExampleRow,
@@ -36,6 +36,7 @@ from gradindex.indexer.store import (
     upgrade,
 )
 from gradindex.indexer.store.db import dispose_engines, tables
+from gradindex.indexer.task import TaskAdapter
 from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
@@ -113,14 +114,17 @@ def test_settings_and_shards(tmp_path: Path) -> None:
         BuildConfig(name="x", task=STORE_TASK, shard=2, shards=2)
 
 
-def test_example_metadata() -> None:
-    class WithMeta:
+def test_example_metadata(store_task: DigitsTask) -> None:
+    class WithMeta(DigitsTask):
         def metadata(self, payload: dict[str, object]) -> dict[str, object]:
             return {"source": payload["src"]}
 
-    assert example_metadata(WithMeta(), {"src": "wiki"}) == {"source": "wiki"}  # type: ignore[arg-type]
-    assert example_metadata(object(), {"x": [1], "y": 4}) == {"label": 4}  # type: ignore[arg-type]
-    assert example_metadata(object(), {"text": "a"}) == {}  # type: ignore[arg-type]
+    class Plain:  # the four required methods, nothing optional
+        model = examples = collate = loss = staticmethod(lambda *a, **k: None)
+
+    assert TaskAdapter(WithMeta.__new__(WithMeta)).metadata({"src": "wiki"}) == {"source": "wiki"}
+    assert TaskAdapter(Plain()).metadata({"x": [1], "y": 4}) == {"label": 4}
+    assert TaskAdapter(Plain()).metadata({"text": "a"}) == {}
 
 
 def test_exact_topk_and_recall() -> None:

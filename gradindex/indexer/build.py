@@ -38,17 +38,14 @@ from .store import (
     build_faiss,
     connect,
     current_version,
-    delete_index_rows,
     file_lock,
     fsync_dir,
     fsync_file,
     insert_examples,
     latest_staging_key,
     library_versions,
-    list_index_rows,
     load_manifest,
     measure_recall,
-    model_fingerprint,
     publish_version,
     record_progress,
     relative_scale,
@@ -56,17 +53,13 @@ from .store import (
     write_atomic,
     write_faiss,
 )
-from .task import Task, TaskSpec
+from .task import TaskSpec
 
 __all__ = [
     "BuildConfig",
     "BuildProgressFn",
     "build",
-    "delete_index",
-    "example_metadata",
     "finalize",
-    "index_info",
-    "list_indexes",
     "parse_shard",
     "refinalize",
     "shard_from_env",
@@ -159,19 +152,6 @@ def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int] 
     return parse_shard(f"{env.get('RANK', '0')}/{env['WORLD_SIZE']}")
 
 
-def example_metadata(task: Task, payload: Any) -> dict[str, Any]:
-    """An example's metadata: ``task.metadata(payload)``, else ``{"label": y}``, else ``{}``."""
-    fn = getattr(task, "metadata", None)
-    if callable(fn):
-        meta = fn(payload)
-        if not isinstance(meta, dict):
-            raise GradindexError(f"task.metadata must return a dict, got {type(meta).__name__}")
-        return meta
-    if isinstance(payload, dict) and "y" in payload:
-        return {"label": payload["y"]}
-    return {}
-
-
 def _pause(point: str, count: int = 0) -> None:
     """Test hook: stop here (until killed) when the environment asks for it."""
     chunks = os.environ.get(PAUSE_CHUNKS_ENV)
@@ -212,7 +192,7 @@ def stage(
         "compression": feat.config.to_json(),
         "fisher": {"kind": pcfg.fisher, "samples": pcfg.samples if pcfg.fisher == "sampled"
                    else None},
-        "model_fingerprint": model_fingerprint(feat.models),
+        "model_fingerprint": feat.fingerprint(),
         "layout": feat.describe(),
         "blocks": [vars(b) for b in feat.blocks],
     }
@@ -261,7 +241,7 @@ def stage(
                 rows = feat.fisher(payloads, pcfg.fisher, pcfg.samples).numpy()
                 r = rows.shape[0] // len(payloads)
                 fisher = rows.reshape(r, len(payloads), -1).transpose(1, 0, 2)
-            records = [{"id": str(i), "payload": p, "meta": example_metadata(task, p)}
+            records = [{"id": str(i), "payload": p, "meta": task.metadata(p)}
                        for _, i, p in batch]
             pending.append(([pos for pos, _, _ in batch], raw, records, fisher))
             pending_n += len(batch)
@@ -569,43 +549,3 @@ def refinalize(
     fcfg = faiss or FaissConfig.from_json(manifest["faiss"])
     return finalize(settings, name, staging=staging, preconditioner=pcfg, faiss=fcfg,
                     fitted=fitted, progress=progress)
-
-
-# ----------------------------------------------------------------------------- admin
-
-
-def list_indexes(settings: Settings) -> list[dict[str, Any]]:
-    """Every index: name, current version, live example count and its manifest."""
-    with Session(connect(settings)) as session:
-        return list_index_rows(session=session)
-
-
-def index_info(settings: Settings, name: str) -> dict[str, Any]:
-    """One index's listing entry, with its staging state.
-
-    Raises:
-        IndexNotFound: no index of that name.
-    """
-    check_name(name)
-    for row in list_indexes(settings):
-        if row["name"] == name:
-            return row
-    raise IndexNotFound(f"no index named {name!r}; `gradindex list` shows the indexes")
-
-
-def delete_index(settings: Settings, name: str) -> None:
-    """Delete index ``name``: its rows, versions and staged gradients.
-
-    Raises:
-        IndexNotFound: no index of that name (and nothing staged under it).
-    """
-    index_dir = settings.index_dir(name)
-    engine = connect(settings)
-    try:
-        with Session(engine) as session, session.begin():
-            delete_index_rows(session=session, name=name)
-    except IndexNotFound:
-        if not index_dir.exists():
-            raise
-    shutil.rmtree(index_dir, ignore_errors=True)
-    log.info("index %r deleted", name)

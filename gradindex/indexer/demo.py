@@ -10,7 +10,8 @@ import logging
 import os
 from pathlib import Path
 
-from .build import BuildConfig, BuildProgressFn, build, list_indexes
+from .admin import list_indexes
+from .build import BuildConfig, BuildProgressFn, build
 from .config import PreconditionerConfig
 from .settings import Settings, check_name
 from .store.files import fsync_file

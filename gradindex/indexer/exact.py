@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from .compress import Layer, describe_layers
 from .errors import ConfigError, GradindexError, TaskError
 from .featurize import _Objective
-from .task import Task, attributed_modules, load_model
+from .task import Task, TaskAdapter
 
 __all__ = ["ExactInfluence"]
 
@@ -54,9 +54,9 @@ class ExactInfluence:
     ) -> None:
         if curvature not in CURVATURES:
             raise ConfigError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
-        self.task = task
-        self.model = copy.deepcopy(load_model(task, checkpoint)).double()  # never alter the task's
-        modules = attributed_modules(task, self.model)
+        self.task = TaskAdapter.of(task)
+        self.model = copy.deepcopy(self.task.model(checkpoint)).double()  # never alter the task's
+        modules = self.task.modules(self.model)
         self.layers: list[Layer] = describe_layers(modules)
         if not all(layer.linear for layer in self.layers):
             raise ConfigError("exact influence supports linear attributed layers only")
@@ -140,9 +140,9 @@ class ExactInfluence:
         return total / n
 
     def _ggn(self, train: Sequence[dict[str, Any]]) -> torch.Tensor:
-        logits_fn = getattr(self.task, "logits", None)
-        if logits_fn is None:
+        if not self.task.has_logits:
             raise TaskError("the Gauss-Newton curvature needs task.logits(model, batch)")
+        logits_fn = self.task.logits
         n = len(train)
         total = torch.zeros(self.theta.numel(), self.theta.numel(), dtype=torch.float64)
         for batch in self._batches(train):

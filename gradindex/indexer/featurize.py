@@ -29,7 +29,7 @@ from .compress import COMPRESSORS, Compressor, Layer, describe_layers
 from .config import CompressionConfig
 from .errors import NonFiniteLoss, TaskError
 from .hooks import LayerCapture
-from .task import Task, attributed_modules, load_model, task_checkpoints
+from .task import Task, TaskAdapter
 
 __all__ = ["Block", "Featurizer", "featurize"]
 
@@ -108,23 +108,23 @@ class Featurizer:
         device: str | torch.device | None = None,
         compressors: Sequence[Sequence[Compressor]] | None = None,
     ) -> None:
-        self.task = task
+        self.task = TaskAdapter.of(task)
         self.config = config or CompressionConfig()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.checkpoints = task_checkpoints(task)
+        self.checkpoints = self.task.checkpoints()
         self.models: list[nn.Module] = []
         self.modules: list[dict[str, nn.Module]] = []
         for checkpoint in self.checkpoints:
-            model = load_model(task, checkpoint)
+            model = self.task.model(checkpoint)
             if any(p.device != self.device for p in model.parameters()):
                 # a copy: the task may cache its model, and other users expect it where it was
                 model = copy.deepcopy(model).to(self.device)
             self.models.append(model)
-            self.modules.append(attributed_modules(task, model))
+            self.modules.append(self.task.modules(model))
         self.layers: list[Layer] = describe_layers(self.modules[0])
         for modules in self.modules[1:]:
             if describe_layers(modules) != self.layers:
@@ -177,6 +177,19 @@ class Featurizer:
             "dims": {b.layer: b.size for b in self.blocks if b.group == 0},
         }
 
+    def fingerprint(self) -> list[str]:
+        """sha256 of each checkpoint's state dict (names, dtypes, shapes and bytes, by name): an
+        index records it, and refuses to serve models whose weights differ."""
+        digests = []
+        for model in self.models:
+            h = hashlib.sha256()
+            for name, tensor in sorted(model.state_dict().items()):
+                t = tensor.detach().cpu().contiguous()
+                h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digests.append(h.hexdigest())
+        return digests
+
     def collate(self, payloads: Sequence[dict[str, Any]]) -> Any:
         """The task's batch for ``payloads``, on the featurizer's device."""
         if not payloads:
@@ -219,8 +232,6 @@ class Featurizer:
             rows = self._run(payloads, passes)
             return torch.cat(rows) / samples**0.5
         if kind == "expected":
-            if not callable(getattr(self.task, "logits", None)):
-                raise TaskError("the `expected` Fisher needs task.logits(model, batch) -> [B, C]")
             n_classes = self._n_classes(payloads)
             heads = [self._class_head(c) for c in range(n_classes)]
             return torch.cat(self._run(payloads, [_Pass(self._logits, heads)]))
@@ -235,8 +246,7 @@ class Featurizer:
         return self.task.loss(model, batch, sample=True)
 
     def _logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        logits: torch.Tensor = self.task.logits(model, batch)  # type: ignore[attr-defined]
-        return logits
+        return self.task.logits(model, batch)
 
     @staticmethod
     def _class_head(c: int) -> Head:

@@ -39,7 +39,6 @@ from .store import (
     exact_topk,
     faiss_ids,
     load_manifest,
-    model_fingerprint,
     read_faiss,
     relative_scale,
     search_faiss,
@@ -175,7 +174,7 @@ class Index:
                               CompressionConfig.from_json(self.manifest["compression"]),
                               device=self.device)
             expected = self.manifest.get("model_fingerprint") or []
-            if expected and model_fingerprint(feat.models) != expected:
+            if expected and feat.fingerprint() != expected:
                 raise StorageError(
                     f"index {self.name!r} was built from other model weights than the task "
                     "now loads; rebuild the index or restore the weights"

@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from .errors import TaskError
 
-__all__ = ["Task", "TaskSpec", "attributed_modules", "load_task", "task_checkpoints"]
+__all__ = ["Task", "TaskAdapter", "TaskSpec", "load_task"]
+
+log = logging.getLogger(__name__)
 
 REQUIRED_METHODS = ("model", "examples", "collate", "loss")
 
@@ -28,10 +31,9 @@ REQUIRED_METHODS = ("model", "examples", "collate", "loss")
 class Task(Protocol):
     """What a user implements so gradindex can attribute their model (DESIGN §5).
 
-    Optional methods, looked up with ``getattr``: ``modules(model)`` (what to attribute; default
-    every ``nn.Linear`` with a trainable weight), ``render(payload)``, ``checkpoints()`` (several
-    models to ensemble over; ``model(checkpoint)`` then loads one) and ``logits(model, batch)``
-    (``[B, C]`` for classifiers, which enables the ``expected`` Fisher).
+    The optional methods (``modules``, ``checkpoints``, ``logits``, ``metadata``, ``render``,
+    ``queries``, ``__len__``) are resolved once by :class:`TaskAdapter`, which documents what
+    each one buys and what stands in for it when a task lacks it.
     """
 
     def model(self) -> nn.Module: ...
@@ -136,39 +138,170 @@ def load_task(spec: str, **kwargs: Any) -> Task:
         raise TaskError(f"task {spec!r} rejected its arguments {kwargs!r}: {exc}") from exc
 
 
-def task_checkpoints(task: Task) -> list[str | None]:
-    """The checkpoints to ensemble over: ``task.checkpoints()``, or one default (``None``) when
-    the task has no such method or it returns nothing."""
-    fn = getattr(task, "checkpoints", None)
-    checkpoints: Sequence[str] = fn() if fn is not None else []
-    return list(checkpoints) if checkpoints else [None]
+Checkpoint = str | None
+"""A checkpoint name of ``task.checkpoints()``, or ``None`` for the task's one model."""
 
 
-def load_model(task: Task, checkpoint: str | None) -> nn.Module:
-    """The task's model for one checkpoint, in eval mode."""
-    model = task.model() if checkpoint is None else task.model(checkpoint)  # type: ignore[call-arg]
-    if not isinstance(model, nn.Module):
-        raise TaskError(f"task.model() returned {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
+def _optional(task: Any, name: str) -> Any | None:
+    fn = getattr(task, name, None)
+    return fn if callable(fn) else None
 
 
-def attributed_modules(task: Task, model: nn.Module) -> dict[str, nn.Module]:
-    """The modules to attribute, by name: ``task.modules(model)`` or every trainable Linear."""
-    fn = getattr(task, "modules", None)
-    if fn is not None:
-        modules = dict(fn(model))
-    else:
-        modules = {
-            name: m
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight.requires_grad
-        }
-    if not modules:
-        raise TaskError(
-            "no module to attribute: the model has no nn.Linear with a trainable weight; "
-            "define task.modules(model) to choose them"
-        )
-    for name, module in modules.items():
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            raise TaskError(f"attributed module {name!r} has no trainable parameter")
-    return modules
+class TaskAdapter:
+    """A user's task with every optional method resolved once (DESIGN §5).
+
+    The rest of gradindex talks to tasks only through this class, so what an optional method
+    buys, and its default, is written down here and nowhere else:
+
+    * ``modules(model)``: the modules to attribute; default every ``nn.Linear`` with a trainable
+      weight.
+    * ``checkpoints()``: several models to ensemble over (``model(checkpoint)`` loads one);
+      default the one model of ``model()``.
+    * ``logits(model, batch) -> [B, C]``: classifiers; enables the ``expected`` Fisher (the
+      most faithful) and the page's prediction.
+    * ``metadata(payload) -> dict``: what filters match on; default ``{"label": payload["y"]}``
+      when the payload has a ``y``, else nothing.
+    * ``render(payload) -> dict``: how the web page shows an example; default none (the page
+      shows the payload's fields).
+    * ``queries() -> [(id, payload)]``: held-out examples for the page's gallery; default none.
+    * ``__len__()``: how many examples ``examples()`` yields, for progress bars with an ETA
+      when ``examples()`` is a generator.
+
+    Args:
+        task: the user's task object (anything with the four required methods).
+    """
+
+    def __init__(self, task: Any) -> None:
+        missing = [m for m in REQUIRED_METHODS if _optional(task, m) is None]
+        if missing:
+            raise TaskError(f"task {type(task).__name__} lacks required methods: "
+                            f"{', '.join(missing)}")
+        self.task: Any = task
+        self._modules = _optional(task, "modules")
+        self._checkpoints = _optional(task, "checkpoints")
+        self._logits = _optional(task, "logits")
+        self._metadata = _optional(task, "metadata")
+        self._render = _optional(task, "render")
+        self._queries = _optional(task, "queries")
+        self._len = _optional(task, "__len__")
+
+    @classmethod
+    def of(cls, task: Any) -> TaskAdapter:
+        """``task`` itself when it is already adapted, else its adapter."""
+        return task if isinstance(task, TaskAdapter) else cls(task)
+
+    @property
+    def name(self) -> str:
+        return type(self.task).__name__
+
+    # ------------------------------------------------------------------ required
+
+    def examples(self) -> Iterable[tuple[str, Any]]:
+        return self.task.examples()
+
+    def collate(self, payloads: list[dict[str, Any]]) -> Any:
+        return self.task.collate(payloads)
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        if sample:
+            losses: torch.Tensor = self.task.loss(model, batch, sample=True)
+        else:
+            losses = self.task.loss(model, batch)
+        return losses
+
+    # ------------------------------------------------------------------ optional
+
+    @property
+    def has_logits(self) -> bool:
+        return self._logits is not None
+
+    def logits(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """``[B, C]`` logits.
+
+        Raises:
+            TaskError: the task defines no ``logits``.
+        """
+        if self._logits is None:
+            raise TaskError(f"task {self.name} defines no logits(model, batch) -> [B, C]; "
+                            "add it to use the `expected` Fisher")
+        logits: torch.Tensor = self._logits(model, batch)
+        return logits
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The checkpoints to ensemble over; ``[None]`` for the task's one model."""
+        found: Sequence[str] = self._checkpoints() if self._checkpoints is not None else []
+        return list(found) if found else [None]
+
+    def model(self, checkpoint: Checkpoint = None) -> nn.Module:
+        """The model of one checkpoint, in eval mode."""
+        model = self.task.model() if checkpoint is None else self.task.model(checkpoint)
+        if not isinstance(model, nn.Module):
+            raise TaskError(f"task.model() returned {type(model).__name__}, not a "
+                            "torch.nn.Module")
+        return model.eval()
+
+    def modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules to attribute, by name."""
+        if self._modules is not None:
+            modules = dict(self._modules(model))
+        else:
+            modules = {
+                name: m
+                for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and m.weight.requires_grad
+            }
+        if not modules:
+            raise TaskError(
+                "no module to attribute: the model has no nn.Linear with a trainable weight; "
+                "define task.modules(model) to choose them"
+            )
+        for name, module in modules.items():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                raise TaskError(f"attributed module {name!r} has no trainable parameter")
+        return modules
+
+    def metadata(self, payload: Any) -> dict[str, Any]:
+        """An example's metadata (what filters match on)."""
+        if self._metadata is not None:
+            meta = self._metadata(payload)
+            if not isinstance(meta, dict):
+                raise TaskError(f"task.metadata must return a dict, got {type(meta).__name__}")
+            return meta
+        if isinstance(payload, dict) and "y" in payload:
+            return {"label": payload["y"]}
+        return {}
+
+    @property
+    def has_render(self) -> bool:
+        return self._render is not None
+
+    def render(self, payload: Any) -> dict[str, Any] | None:
+        """How the page shows ``payload``; None without ``render`` (or when it fails)."""
+        if self._render is None:
+            return None
+        try:
+            shown = self._render(payload)
+        except Exception as exc:  # noqa: BLE001 - a page falls back to the raw payload
+            log.warning("task.render failed on a payload: %s", exc)
+            return None
+        return shown if isinstance(shown, dict) else None
+
+    def queries(self) -> list[tuple[str, Any]]:
+        """Held-out ``(id, payload)`` pairs for the page's gallery (none by default)."""
+        if self._queries is None:
+            return []
+        found = []
+        for item in self._queries():
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise TaskError("task.queries() must yield (id, payload) pairs")
+            found.append((str(item[0]), item[1]))
+        return found
+
+    def count(self, examples: Iterable[Any] | None = None) -> int | None:
+        """How many training examples there are, when the task can say without iterating:
+        ``len(task)``, else ``len(examples)`` of a sized ``examples()``."""
+        if self._len is not None:
+            return int(self._len())
+        if isinstance(examples, Sized):
+            return len(examples)
+        return None

@@ -11,8 +11,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from gradindex.indexer.errors import TaskError
-
 from .auth import ReadKey
 from .indexes import Served
 from .routes import ERRORS, IndexDep, render_payload
@@ -30,14 +28,7 @@ def _gallery(served: Served) -> list[tuple[str, Any]]:
     task = served.index.featurizer.task
     found = _galleries.get(task)
     if found is None:
-        queries = getattr(task, "queries", None)
-        found = []
-        if queries is not None:
-            for item in queries():
-                if not (isinstance(item, tuple | list) and len(item) == 2):
-                    raise TaskError("task.queries() must yield (id, payload) pairs")
-                found.append((str(item[0]), item[1]))
-        _galleries[task] = found
+        found = _galleries[task] = task.queries()
     return found
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gradindex.indexer.build import list_indexes
+from gradindex.indexer.admin import list_indexes
 from gradindex.indexer.errors import GradindexError, IndexNotFound, StorageError, TaskError
 from gradindex.indexer.reader import Index, open_index
 from gradindex.indexer.settings import check_name

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from gradindex import __version__
-from gradindex.indexer.build import index_info, list_indexes
+from gradindex.indexer.admin import index_info, list_indexes
 from gradindex.indexer.errors import ConfigError, TaskError
 from gradindex.indexer.reader import Hit
 
@@ -90,15 +90,7 @@ router = APIRouter(prefix="/v1/indexes", tags=["indexes"], responses=ERRORS)
 
 def render_payload(served: Served, payload: Any) -> dict[str, Any] | None:
     """The task's ``render(payload)``, or None for a task without one (or that fails on it)."""
-    render = getattr(served.index.featurizer.task, "render", None)
-    if render is None:
-        return None
-    try:
-        shown = render(payload)
-    except Exception as exc:  # noqa: BLE001 - a page falls back to the raw payload
-        log.warning("task.render failed on a payload: %s", exc)
-        return None
-    return shown if isinstance(shown, dict) else None
+    return served.index.featurizer.task.render(payload)
 
 
 def _training(hit: Hit, served: Served | None = None) -> TrainingExample:

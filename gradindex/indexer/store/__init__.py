@@ -39,7 +39,6 @@ from .manifest import (
     MANIFEST_NAME,
     library_versions,
     load_manifest,
-    model_fingerprint,
     save_manifest,
 )
 from .vectors import (
@@ -93,7 +92,6 @@ __all__ = [
     "load_manifest",
     "measure_recall",
     "migrations_dir",
-    "model_fingerprint",
     "publish_version",
     "read_faiss",
     "record_progress",

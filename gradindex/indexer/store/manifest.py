@@ -7,15 +7,11 @@ measured recall, library versions). ``load_manifest`` upgrades files of older fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
-from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from ..errors import GradindexError
 from .files import write_atomic
@@ -25,7 +21,6 @@ __all__ = [
     "MANIFEST_NAME",
     "library_versions",
     "load_manifest",
-    "model_fingerprint",
     "save_manifest",
 ]
 
@@ -35,37 +30,16 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-def model_fingerprint(models: Sequence[nn.Module]) -> list[str]:
-    """sha256 of each checkpoint's state dict (names, dtypes, shapes and bytes, by name)."""
-    digests = []
-    for model in models:
-        h = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        digests.append(h.hexdigest())
-    return digests
-
-
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape an index's numbers."""
-    import numpy
-
+    """Versions of the libraries that shape an index's numbers (read without importing them)."""
     from ... import __version__
 
-    versions = {
-        "gradindex": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-    }
-    try:
-        import faiss
-
-        versions["faiss"] = str(faiss.__version__)
-    except ImportError:  # pragma: no cover - faiss is a dependency
-        pass
+    versions = {"gradindex": __version__, "python": platform.python_version()}
+    for name, dist in (("torch", "torch"), ("numpy", "numpy"), ("faiss", "faiss-cpu")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # faiss-gpu, or a source build
+            continue
     return versions
 
 
