@@ -258,18 +258,9 @@ def serve_cmd(
 
 def _serve(overrides: dict[str, Any], banner: Callable[[Any], None] | None = None) -> None:
     """Run the server with ``GRADINDEX_*`` settings and ``overrides``; errors as one line."""
-    from pydantic import ValidationError
-
     from gradindex.server import ServerSettings, run
 
-    try:
-        settings = ServerSettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
-            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
-        _fail(f"invalid server settings (GRADINDEX_*): {problems}")
-        return
+    settings = _run(lambda: ServerSettings(**overrides))
     logging.getLogger("server").setLevel(logging.INFO)
     if banner is not None:
         banner(settings)

@@ -8,13 +8,13 @@ from pathlib import Path
 import httpx
 import pytest
 from gradindex_client import AuthenticationError, Client, PermissionDenied
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from gradindex import Settings
 from gradindex.cli import app
+from gradindex.indexer.errors import ConfigError
 from gradindex.indexer.store import ApiKey, connect, downgrade, hash_secret, upgrade, verify_key
 from gradindex.indexer.store.db import dispose_engines, tables
 from gradindex.server import ServerSettings
@@ -104,7 +104,7 @@ def test_keys_are_required_beyond_loopback(tmp_path: Path) -> None:
     assert ServerSettings(host="::1", auth="off").auth_required is False
     assert ServerSettings(host="0.0.0.0").auth_required
     assert ServerSettings().auth == "on"  # on loopback too, unless turned off explicitly
-    with pytest.raises(ValidationError, match="`auth` must be 'on'"):
+    with pytest.raises(ConfigError, match="`auth` must be 'on'"):
         ServerSettings(host="0.0.0.0", auth="off")
     env = {**storage_env(Settings(data_dir=tmp_path)), "GRADINDEX_AUTH": "off"}
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"], env=env)

@@ -97,10 +97,16 @@ def test_manifest_round_trip_and_old_format(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
-def test_settings_and_shards(tmp_path: Path) -> None:
-    s = Settings.from_env({"GRADINDEX_DATA_DIR": str(tmp_path)})
+def test_settings_and_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRADINDEX_DATABASE_URL", raising=False)
+    monkeypatch.delenv("GRADINDEX_DATA_DIR", raising=False)
+    assert Settings.from_env().data_dir == Path(".gradindex").absolute()
+    monkeypatch.setenv("GRADINDEX_DATA_DIR", str(tmp_path))
+    s = Settings.from_env()
     assert s.data_dir == tmp_path and s.url == f"sqlite:///{tmp_path}/gradindex.db"
-    assert Settings.from_env({}).data_dir == Path(".gradindex").absolute()
+    monkeypatch.setenv("GRADINDEX_RETAIN_VERSIONS", "0")
+    with pytest.raises(ConfigError, match="`retain_versions` \\(GRADINDEX_RETAIN_VERSIONS\\)"):
+        Settings.from_env()
     with pytest.raises(ConfigError, match="`database_url`"):
         Settings(database_url="localhost")
     with pytest.raises(ConfigError, match="`name`"):

@@ -1,22 +1,25 @@
-"""Where indexes live: the data directory and the database, read from ``GRADINDEX_*``.
+"""Where indexes live, read from ``GRADINDEX_*``: the one settings source of gradindex.
 
-Defaults work with neither variable set: ``./.gradindex`` and a SQLite file inside it.
+:class:`Settings` holds what the build pipeline, the reader, the command line and the server
+share (the data directory and the database); the server's own settings extend it
+(``gradindex.server.settings.ServerSettings``), so every ``GRADINDEX_*`` variable is read in one
+place. Defaults work with nothing set: ``./.gradindex`` and a SQLite file inside it.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "check_name"]
 
-DATA_DIR_ENV = "GRADINDEX_DATA_DIR"
-DATABASE_URL_ENV = "GRADINDEX_DATABASE_URL"
+ENV_PREFIX = "GRADINDEX_"
 DEFAULT_DATA_DIR = ".gradindex"
 SQLITE_NAME = "gradindex.db"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -32,42 +35,63 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Storage locations shared by the build pipeline, the reader and the CLI."""
+def _problems(exc: ValidationError, prefix: str) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"`{field}` ({prefix}{field.upper()}): {message}" if field else message)
+    return "; ".join(parts)
 
-    data_dir: Path = Path(DEFAULT_DATA_DIR)
-    """Folder holding one subfolder per index (staging chunks and published versions) and, by
-    default, the SQLite database."""
 
-    database_url: str | None = None
-    """SQLAlchemy URL (``postgresql+psycopg://user@host/db`` for deployments); ``None`` means a
-    SQLite file ``gradindex.db`` in `data_dir`."""
+class Settings(BaseSettings):
+    """Storage locations shared by the build pipeline, the reader, the CLI and the server.
 
-    retain_versions: int = 2
-    """Published versions kept per index (the current one included); a reader that opened the
-    previous version keeps working while a new one is published."""
+    Each field is read from ``GRADINDEX_<FIELD>`` unless given; a bad value raises
+    :class:`~gradindex.indexer.errors.ConfigError` naming the field and its variable.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().absolute())
-        if self.database_url is not None and "://" not in self.database_url:
-            raise ConfigError(
-                f"`database_url` must be an SQLAlchemy URL such as "
-                f"'postgresql+psycopg://user@host/db', got {self.database_url!r}"
-            )
-        if not isinstance(self.retain_versions, int) or self.retain_versions < 1:
-            raise ConfigError(
-                f"`retain_versions` must be a positive integer, got {self.retain_versions!r}"
-            )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(DEFAULT_DATA_DIR),
+        description="Folder of the indexes (staging chunks, published versions, recorded task "
+                    "files and weights) and, by default, the SQLite database.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (`postgresql+psycopg://user@host/db` for deployments); "
+                    "unset means a SQLite file `gradindex.db` in the data directory.")
+    retain_versions: int = Field(
+        default=2, ge=1,
+        description="Published versions kept per index (the current one included); a reader "
+                    "that opened the previous version keeps working while a new one is "
+                    "published.")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid settings: {_problems(exc, ENV_PREFIX)}") from None
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(value).expanduser().absolute()
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if "://" not in value:
+            raise ValueError(f"must be an SQLAlchemy URL such as "
+                             f"'postgresql+psycopg://user@host/db', got {value!r}")
+        return value
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``GRADINDEX_DATA_DIR`` and ``GRADINDEX_DATABASE_URL``."""
-        env = os.environ if environ is None else environ
-        return cls(
-            data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
-            database_url=env.get(DATABASE_URL_ENV) or None,
-        )
+    def from_env(cls) -> Settings:
+        """Settings from the process's ``GRADINDEX_*`` variables alone (the same as ``cls()``)."""
+        return cls()
 
     @property
     def url(self) -> str:
@@ -77,6 +101,10 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
+
+    def storage(self) -> Settings:
+        """Only the storage part: what the indexer's functions take."""
+        return Settings(**{name: getattr(self, name) for name in Settings.model_fields})
 
     def index_dir(self, name: str) -> Path:
         """The folder of one index: ``staging/``, ``versions/`` and its lock file."""

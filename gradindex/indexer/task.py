@@ -6,6 +6,7 @@ class's constructor. A task file may import modules that sit beside it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -18,9 +19,10 @@ from typing import Any, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
+from .assets import record_task, resolve_task
 from .errors import TaskError
 
-__all__ = ["Task", "TaskAdapter", "TaskSpec", "load_task"]
+__all__ = ["Task", "TaskAdapter", "TaskSpec", "load_task", "task_class"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,18 @@ class TaskSpec:
     def load(self) -> Task:
         return load_task(self.spec, **self.args)
 
+    def record(self, data_dir: Path) -> dict[str, Any]:
+        """What an index records of this task, with copies of its files in ``data_dir`` so the
+        index serves from anywhere (:func:`gradindex.indexer.assets.record_task`)."""
+        task_class(self.spec)  # import it: the modules it loads beside it are then known
+        return record_task(self.spec, self.args, data_dir)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], data_dir: Path) -> TaskSpec:
+        """The spec of a task an index recorded, loading from the copies in ``data_dir``."""
+        spec, args = resolve_task(record, data_dir)
+        return cls(spec, args)
+
     def __repr__(self) -> str:
         return f"TaskSpec({self.spec!r}, {self.args!r})"
 
@@ -87,31 +101,36 @@ def _absolute_spec(spec: str) -> str:
 def _import_file(path: Path) -> Any:
     if not path.is_file():
         raise TaskError(f"task file {str(path)!r} does not exist")
-    module_name = f"_gradindex_task_{abs(hash(str(path)))}"
+    module_name = f"_gradindex_task_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
     if module_name in sys.modules:
         return sys.modules[module_name]
-    folder = str(path.parent)
-    if folder not in sys.path:  # a task file may import modules that sit beside it
-        sys.path.insert(0, folder)
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise TaskError(f"cannot import task file {str(path)!r}")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
+    # A task file may import modules beside it: its folder comes first while it is imported,
+    # then moves to the end of sys.path, where it can never shadow an installed package.
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
     try:
         loader_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise TaskError(f"importing task file {str(path)!r} failed: {exc!r}") from exc
+        raise TaskError(f"importing task file {path.name!r} failed: {exc!r}") from exc
+    finally:
+        sys.path.remove(folder)
+        if folder not in sys.path:
+            sys.path.append(folder)
     return module
 
 
-def load_task(spec: str, **kwargs: Any) -> Task:
-    """Import the class a spec names and construct it with ``kwargs``.
+def task_class(spec: str) -> type:
+    """Import the class a spec names, checked to have the required methods.
 
     Raises:
-        TaskError: the spec is malformed, the module or class does not exist, the class lacks a
-            required method, or its constructor rejects the arguments.
+        TaskError: the spec is malformed, the module or class does not exist, or the class
+            lacks a required method.
     """
     target, name = _split(spec)
     if target.endswith(".py"):
@@ -131,11 +150,26 @@ def load_task(spec: str, **kwargs: Any) -> Task:
     missing = [m for m in REQUIRED_METHODS if not callable(getattr(cls, m, None))]
     if missing:
         raise TaskError(f"task class {spec!r} lacks required methods: {', '.join(missing)}")
+    return cls
+
+
+def load_task(spec: str, **kwargs: Any) -> Task:
+    """Import the class a spec names and construct it with ``kwargs``.
+
+    Raises:
+        TaskError: the spec is malformed, the module or class does not exist, the class lacks a
+            required method, or its constructor fails (rejected arguments, a missing file...).
+    """
+    cls = task_class(spec)
+    name = spec.rpartition(":")[2]
     try:
-        task = cast(Task, cls(**kwargs))
-        return task
+        return cast(Task, cls(**kwargs))
+    except TaskError:
+        raise
     except TypeError as exc:
-        raise TaskError(f"task {spec!r} rejected its arguments {kwargs!r}: {exc}") from exc
+        raise TaskError(f"task {name} rejected its arguments {kwargs!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the user's constructor raised
+        raise TaskError(f"task {name} failed to start: {type(exc).__name__}: {exc}") from exc
 
 
 Checkpoint = str | None

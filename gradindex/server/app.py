@@ -1,8 +1,9 @@
 """The app factory: settings → storage → indexes and device workers → routes.
 
-``create_app(settings)`` builds a FastAPI app whose start-up migrates the database, opens
-every published index (refusing, with a log line, those it cannot serve) and starts one device
-worker per model; ``gradindex serve`` runs it with uvicorn.
+``create_app(settings)`` builds a FastAPI app whose start-up checks the database (a new SQLite
+file is migrated, PostgreSQL never: ``gradindex db upgrade`` does that), opens every published
+index (reporting those it cannot serve as unavailable) and starts one device worker per model;
+``gradindex serve`` runs it with uvicorn.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(connect, settings.storage(), migrate=True)
+        # A fresh SQLite file is migrated; PostgreSQL never is (several replicas would race
+        # their upgrades): an unmigrated one is refused, naming `gradindex db upgrade`.
+        await asyncio.to_thread(connect, settings.storage())
         await registry.start()
         if not settings.auth_required:
             log.warning("API keys are off (GRADINDEX_AUTH=off): anyone on this machine can "
@@ -179,8 +182,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
 
 def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
-    """Serve ``create_app(settings)`` with uvicorn on ``settings.host:settings.port``."""
+    """Serve ``create_app(settings)`` with uvicorn on ``settings.host:settings.port``.
+
+    Raises:
+        StorageError: the database is unreachable or not migrated (checked before serving, so
+            the command line can say so in one line).
+    """
     import uvicorn
+
+    connect(settings.storage())
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level="info", **uvicorn_options)

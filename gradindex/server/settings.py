@@ -1,15 +1,13 @@
-"""Server settings: one ``BaseSettings`` class read from ``GRADINDEX_*`` environment variables."""
+"""Server settings: the storage settings plus what ``gradindex serve`` reads (``GRADINDEX_*``)."""
 
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gradindex.indexer.settings import DEFAULT_DATA_DIR, Settings
+from gradindex.indexer.settings import Settings
 
 __all__ = ["ServerSettings", "is_loopback"]
 
@@ -25,7 +23,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(Settings):
     """Everything ``gradindex serve`` reads, from ``GRADINDEX_<FIELD>`` (e.g. ``GRADINDEX_PORT``).
 
     Auth: with ``auth=on`` (the default) every ``/v1`` request needs an API key
@@ -34,12 +32,6 @@ class ServerSettings(BaseSettings):
     requires keys. ``/v1/health``, ``/metrics``, ``/docs`` and the page at ``/`` stay open.
     """
 
-    model_config = SettingsConfigDict(env_prefix="GRADINDEX_", frozen=True, extra="ignore")
-
-    data_dir: Path = Field(default=Path(DEFAULT_DATA_DIR),
-                           description="Data directory of the indexes.")
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; unset means SQLite in the data directory.")
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
     auth: Literal["on", "off"] = Field(
@@ -76,7 +68,3 @@ class ServerSettings(BaseSettings):
     @property
     def auth_required(self) -> bool:
         return self.auth == "on"
-
-    def storage(self) -> Settings:
-        """The indexer's storage settings (data directory and database)."""
-        return Settings(data_dir=self.data_dir, database_url=self.database_url or None)
