@@ -7,15 +7,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gradindex_client import AuthenticationError, Client, PermissionDenied
-from sqlalchemy import select
+from gradindex_client import AuthenticationError, Client, NotFound, PermissionDenied
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from gradindex import Settings
 from gradindex.cli import app
 from gradindex.indexer.errors import ConfigError
-from gradindex.indexer.store import ApiKey, connect, downgrade, hash_secret, upgrade, verify_key
+from gradindex.indexer.store import (
+    ApiKey,
+    ExampleRow,
+    connect,
+    downgrade,
+    hash_secret,
+    upgrade,
+    verify_key,
+)
 from gradindex.indexer.store.db import dispose_engines, tables
 from gradindex.server import ServerSettings
 
@@ -51,6 +59,18 @@ def test_read_key_cannot_delete_and_admin_key_can(
             reader.delete(SERVED_INDEX, "train-11")
         assert info.value.status == 403
         assert reader.example(SERVED_INDEX, "train-11").id == "train-11"  # nothing changed
+        try:
+            with Client(live_server.url, api_key=server_keys["admin"], retries=0) as admin:
+                assert admin.delete(SERVED_INDEX, "train-11").id == "train-11"
+            with pytest.raises(NotFound):
+                reader.example(SERVED_INDEX, "train-11")
+            found = reader.influence(SERVED_INDEX, [reader.example(SERVED_INDEX, "train-12")
+                                                    .payload], k=300)
+            assert "train-11" not in {h.id for h in found.results[0].proponents}
+        finally:  # the session's server is shared: bring the example back for the others
+            with Session(connect(server_settings)) as session, session.begin():
+                session.execute(update(ExampleRow).where(ExampleRow.external_id == "train-11")
+                                .values(deleted=False))
 
 
 def test_revoked_key_gets_401(live_server: LiveServer, server_settings: Settings) -> None:

@@ -149,6 +149,11 @@ def test_masks_differ_by_checkpoint_mask_and_seed(mlp_task) -> None:
     assert not torch.equal(a.coordinates(layer.name), other_seed.coordinates(layer.name))
     again = FactorizedDropoutCompressor(feat.layers, feat.keep, CompressionConfig(keep=0.2))
     assert torch.equal(a.coordinates(layer.name), again.coordinates(layer.name))
+    other_checkpoint = FactorizedDropoutCompressor(feat.layers, feat.keep,
+                                                   CompressionConfig(keep=0.2), checkpoint=1)
+    assert not torch.equal(a.coordinates(layer.name), other_checkpoint.coordinates(layer.name))
+    assert all(not torch.equal(a.coordinates(ly.name), other_checkpoint.coordinates(ly.name))
+               for ly in feat.layers)
 
 
 @pytest.mark.parametrize(("rows", "cols", "keep"), [(10, 65, 0.25), (1024, 785, 0.003),
@@ -157,6 +162,40 @@ def test_split_keep_hits_the_budget(rows: int, cols: int, keep: float) -> None:
     k_out, k_in = split_keep(rows, cols, keep)
     assert 1 <= k_out <= rows and 1 <= k_in <= cols
     assert abs(k_out * k_in - keep * rows * cols) <= max(k_out, k_in) + 1
+
+
+def test_sjlt_folds_the_wide_mask_with_one_signed_bucket_per_coordinate(mlp_task) -> None:
+    """SJLT = the factorized mask at sjlt_expand·keep, each kept coordinate added with a ±1 sign
+    into one of k buckets: checked against that matrix written out."""
+    payloads = [p for _, p in mlp_task.examples()][:6]
+    cfg = CompressionConfig(compressor="dropout-sjlt", keep=0.05, masks=1, sjlt_expand=4)
+    sjlt = Featurizer(mlp_task, cfg, device="cpu")
+    comp = sjlt.compressors[0][0]
+    wide_keep = 0.05 * 4
+    wide = Featurizer(mlp_task, CompressionConfig(keep=wide_keep, masks=1), device="cpu",
+                      compressors=[[FactorizedDropoutCompressor(
+                          sjlt.layers, wide_keep, CompressionConfig(keep=wide_keep))]])
+    raw_wide, raw = wide.raw(payloads).double(), sjlt.raw(payloads).double()
+    lo_w = lo = 0
+    for (name, k), (_, wide_k) in zip(comp.blocks, wide.compressors[0][0].blocks, strict=True):
+        buckets, signs = comp.buckets[name], comp.signs[name]
+        assert buckets.shape == (wide_k,) and int(buckets.min()) >= 0 and int(buckets.max()) < k
+        assert set(signs.tolist()) <= {-1.0, 1.0}
+        fold = torch.zeros(wide_k, k, dtype=torch.float64)
+        fold[torch.arange(wide_k), buckets] = signs.double()
+        assert k < wide_k  # something was folded
+        torch.testing.assert_close(raw[:, lo : lo + k], raw_wide[:, lo_w : lo_w + wide_k] @ fold,
+                                   atol=ATOL, rtol=RTOL)
+        lo, lo_w = lo + k, lo_w + wide_k
+    assert lo == raw.shape[1] and lo_w == raw_wide.shape[1]
+
+
+def test_sjlt_passes_coordinates_through_when_nothing_folds(mlp_task) -> None:
+    payloads = [p for _, p in mlp_task.examples()][:4]
+    sjlt = Featurizer(mlp_task, CompressionConfig(compressor="dropout-sjlt", keep=1.0),
+                      device="cpu").raw(payloads)
+    full = Featurizer(mlp_task, CompressionConfig(keep=1.0), device="cpu").raw(payloads)
+    torch.testing.assert_close(sjlt, full, atol=ATOL, rtol=RTOL)
 
 
 def test_sjlt_and_gaussian_are_deterministic_and_shaped(mlp_task) -> None:
