@@ -7,16 +7,13 @@ them an app in process or point them at a real server.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Sequence
-from typing import Any, TypeVar
-from urllib.parse import quote
+from typing import Any
 
 import httpx
-from pydantic import BaseModel
 
-from ._errors import GradindexHTTPError, error_for
+from ._calls import DEFAULT_URL, Calls, M, Payload, segment
 from ._models import (
     Health,
     IndexDetail,
@@ -30,74 +27,8 @@ from ._models import (
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-API_KEY_ENV = "GRADINDEX_API_KEY"
-URL_ENV = "GRADINDEX_URL"
-M = TypeVar("M", bound=BaseModel)
-Payload = dict[str, Any]
 
-
-def _segment(value: str) -> str:
-    return quote(str(value), safe="")
-
-
-class _Calls:
-    """What the two clients share: the endpoints as (method, path, body), errors, back-off."""
-
-    def __init__(self, base_url: str | None, api_key: str | None, retries: int,
-                 backoff: float, max_backoff: float) -> None:
-        self.base_url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        if retries < 0 or backoff < 0:
-            raise ValueError("`retries` and `backoff` must be non-negative")
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def _delay(self, attempt: int, error: GradindexHTTPError) -> float:
-        if error.retry_after is not None:
-            return min(error.retry_after, self.max_backoff)
-        return min(self.backoff * 2**attempt, self.max_backoff)
-
-    @staticmethod
-    def _error(response: httpx.Response) -> GradindexHTTPError:
-        kind, message = "HTTPError", response.text[:500] or response.reason_phrase
-        try:
-            body = response.json()
-            kind = str(body["error"]["type"])
-            message = str(body["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        retry: float | None = None
-        header = response.headers.get("Retry-After")
-        if header is not None:
-            try:
-                retry = float(header)
-            except ValueError:
-                retry = None
-        return error_for(response.status_code, kind, message, retry)
-
-    @staticmethod
-    def _index(name: str, *rest: str) -> str:
-        return "/v1/indexes/" + "/".join([_segment(name), *rest])
-
-    @staticmethod
-    def _influence_body(examples: Sequence[Payload], k: int, direction: str,
-                        filter: dict[str, Any] | None, normalize: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "direction": direction,
-                                "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
-        return body
-
-
-class Client(_Calls):
+class Client(Calls):
     """A synchronous gradindex client.
 
     Args:
@@ -198,11 +129,11 @@ class Client(_Calls):
     def example(self, name: str, example_id: str) -> TrainingExample:
         """A live training example by its id."""
         return self._get(TrainingExample, "GET", self._index(name, "examples",
-                                                             _segment(example_id)))
+                                                             segment(example_id)))
 
     def delete(self, name: str, example_id: str) -> TrainingExample:
         """Remove a training example from every result, for good (needs an admin key)."""
-        data = self._request("DELETE", self._index(name, "examples", _segment(example_id)))
+        data = self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
     def metrics(self) -> str:
@@ -210,7 +141,7 @@ class Client(_Calls):
         return self._request("GET", "/metrics").text
 
 
-class AsyncClient(_Calls):
+class AsyncClient(Calls):
     """An asynchronous gradindex client; the same methods as :class:`Client`, awaited."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
@@ -286,10 +217,10 @@ class AsyncClient(_Calls):
 
     async def example(self, name: str, example_id: str) -> TrainingExample:
         return await self._get(TrainingExample, "GET",
-                               self._index(name, "examples", _segment(example_id)))
+                               self._index(name, "examples", segment(example_id)))
 
     async def delete(self, name: str, example_id: str) -> TrainingExample:
-        data = await self._request("DELETE", self._index(name, "examples", _segment(example_id)))
+        data = await self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
     async def metrics(self) -> str:
