@@ -1,5 +1,6 @@
 """The client: no heavy imports, typed results, errors with the server's message, retries on
-503 that honour Retry-After, an injectable transport, and the async twin against the server."""
+503 that honour Retry-After, an injectable transport, rendered hits, and the async twin
+against the server."""
 
 from __future__ import annotations
 
@@ -125,3 +126,20 @@ def test_async_client_against_the_server(live_server: LiveServer,
         assert [h.id for h in g.opponents] == [h.id for h in w.opponents]
         assert [h.score for h in g.proponents] == pytest.approx(
             [h.score for h in w.proponents], rel=1e-4, abs=1e-4)
+
+
+# ------------------------------------------------------------------ render
+
+
+def test_render_asks_the_server_for_each_hits_rendering(live_server: LiveServer,
+                                                       server_keys: dict[str, str],
+                                                       store_task: DigitsTask) -> None:
+    with Client(live_server.url, api_key=server_keys["read"]) as c:
+        plain = c.influence(SERVED_INDEX, store_task.test_payloads(1), 2)
+        shown = c.influence(SERVED_INDEX, store_task.test_payloads(1), 2, render=True)
+        page = c.self_influence(SERVED_INDEX, limit=2, render=True)
+    assert [h.render for h in plain.results[0].proponents] == [None, None]
+    for hit in [*shown.results[0].proponents, *page.results]:
+        assert hit.render == {"kind": "image", "shape": [8, 8], "pixels": hit.payload["x"],
+                              "label": hit.payload["y"]}
+

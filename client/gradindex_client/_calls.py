@@ -73,11 +73,34 @@ class Calls:
     def _index(name: str, *rest: str) -> str:
         return "/v1/indexes/" + "/".join([segment(name), *rest])
 
+    # Optional fields are sent only when set, so that a server from before they existed
+    # (its requests forbid unknown fields) still answers the calls that do not use them.
+
     @staticmethod
     def _influence_body(examples: Sequence[Payload], k: int, direction: str,
-                        filter: dict[str, Any] | None, normalize: bool) -> dict[str, Any]:
+                        filter: dict[str, Any] | None, normalize: bool,
+                        render: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"examples": list(examples), "k": k, "direction": direction,
                                 "normalize": normalize}
         if filter is not None:
             body["filter"] = filter
+        if render:
+            body["render"] = True
         return body
+
+    @staticmethod
+    def _select_body(examples: Sequence[Payload], k: int, filter: dict[str, Any] | None,
+                     normalize: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"examples": list(examples), "k": k, "normalize": normalize}
+        if filter is not None:
+            body["filter"] = filter
+        return body
+
+    @staticmethod
+    def _page_params(limit: int, offset: int, ascending: bool, render: bool
+                     ) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset,
+                                  "ascending": str(ascending).lower()}
+        if render:
+            params["render"] = "true"
+        return params

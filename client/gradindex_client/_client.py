@@ -50,6 +50,7 @@ class Client(Calls):
         self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
 
     def close(self) -> None:
+        """Close the connections (not those of an ``http_client`` passed in)."""
         if self._own:
             self._http.close()
 
@@ -79,7 +80,7 @@ class Client(Calls):
     # ------------------------------------------------------------------ endpoints
 
     def health(self) -> Health:
-        """The server's status, contract version and devices."""
+        """The server's status, contract version and devices (needs no key)."""
         return self._get(Health, "GET", "/v1/health")
 
     def indexes(self) -> list[IndexSummary]:
@@ -88,51 +89,97 @@ class Client(Calls):
         return [IndexSummary.model_validate(row) for row in data["indexes"]]
 
     def index(self, name: str) -> IndexDetail:
-        """One index's size and settings."""
+        """One index's size and settings.
+
+        Raises:
+            NotFound: no index is named ``name``.
+        """
         return self._get(IndexDetail, "GET", self._index(name))
 
     def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                   direction: str = "proponents", filter: dict[str, Any] | None = None,
-                  normalize: bool = False) -> InfluenceResponse:
-        """The top-``k`` proponents and/or opponents (``direction="both"``) of each example.
+                  normalize: bool = False, render: bool = False) -> InfluenceResponse:
+        """The top-``k`` proponents and/or opponents of each test example.
 
         Args:
+            name: the index.
+            examples: test examples, as the index's task takes them (JSON payloads).
+            k: results per example and direction (1 to 1,000).
+            direction: ``"proponents"``, ``"opponents"`` or ``"both"``.
             filter: search only training examples whose metadata match
                 (``{"label": 3}``, ``{"source": ["wiki", "books"]}``).
             normalize: rank by relative influence (score / sqrt(self-influence)).
+            render: add each hit's ``render`` (how the task shows it).
+
+        Returns:
+            One :class:`InfluenceResult` per example, in order.
         """
-        body = self._influence_body(examples, k, direction, filter, normalize)
+        body = self._influence_body(examples, k, direction, filter, normalize, render)
         return self._get(InfluenceResponse, "POST", self._index(name, "influence"), json=body)
 
     def scores(self, name: str, examples: Sequence[Payload],
                ids: Sequence[str] | None = None) -> ScoresResponse:
-        """Exact scores ``[example][id]`` against ``ids`` (default: every live example)."""
+        """Exact scores ``[example][id]`` against ``ids`` (default: every live example).
+
+        Args:
+            name: the index.
+            examples: test examples (task payloads).
+            ids: training example ids; None scores every live one.
+        """
         body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
         return self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                filter: dict[str, Any] | None = None, normalize: bool = False
                ) -> SelectResponse:
-        """Training examples ranked by mean influence over ``examples`` (data selection)."""
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
+        """Training examples ranked by mean influence over ``examples`` (data selection).
+
+        Args:
+            name: the index.
+            examples: the target set (task payloads).
+            k: how many training examples to return.
+            filter: rank only training examples whose metadata match.
+            normalize: rank by relative influence.
+        """
+        body = self._select_body(examples, k, filter, normalize)
         return self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                       ascending: bool = False) -> SelfInfluencePage:
-        """One page of training examples by self-influence (highest first)."""
-        params = {"limit": limit, "offset": offset, "ascending": str(ascending).lower()}
+                       ascending: bool = False, render: bool = False) -> SelfInfluencePage:
+        """One page of training examples by self-influence (highest first).
+
+        Args:
+            name: the index.
+            limit: examples per page (1 to 1,000).
+            offset: examples to skip.
+            ascending: lowest self-influence first.
+            render: add each example's ``render``.
+
+        Returns:
+            The page; its ``next_offset`` is None on the last one.
+        """
+        params = self._page_params(limit, offset, ascending, render)
         return self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                          params=params)
 
     def example(self, name: str, example_id: str) -> TrainingExample:
-        """A live training example by its id."""
+        """A live training example by its id.
+
+        Raises:
+            NotFound: no live example has this id (or no index this name).
+        """
         return self._get(TrainingExample, "GET", self._index(name, "examples",
                                                              segment(example_id)))
 
     def delete(self, name: str, example_id: str) -> TrainingExample:
-        """Remove a training example from every result, for good (needs an admin key)."""
+        """Remove a training example from every result, for good (needs an admin key).
+
+        Returns:
+            The example as it was.
+
+        Raises:
+            PermissionDenied: the key is not an admin key.
+        """
         data = self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
@@ -142,7 +189,8 @@ class Client(Calls):
 
 
 class AsyncClient(Calls):
-    """An asynchronous gradindex client; the same methods as :class:`Client`, awaited."""
+    """An asynchronous gradindex client: the same arguments and methods as :class:`Client`,
+    awaited."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
@@ -153,6 +201,7 @@ class AsyncClient(Calls):
         self._http = http_client or httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
+        """Close the connections (not those of an ``http_client`` passed in)."""
         if self._own:
             await self._http.aclose()
 
@@ -179,51 +228,61 @@ class AsyncClient(Calls):
     async def _get(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         return model.model_validate((await self._request(method, path, **kwargs)).json())
 
+    # ------------------------------------------------------------------ endpoints
+
     async def health(self) -> Health:
+        """The server's status, contract version and devices; see :meth:`Client.health`."""
         return await self._get(Health, "GET", "/v1/health")
 
     async def indexes(self) -> list[IndexSummary]:
+        """Every index and whether the server serves it."""
         data = (await self._request("GET", "/v1/indexes")).json()
         return [IndexSummary.model_validate(row) for row in data["indexes"]]
 
     async def index(self, name: str) -> IndexDetail:
+        """One index's size and settings; see :meth:`Client.index`."""
         return await self._get(IndexDetail, "GET", self._index(name))
 
     async def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                         direction: str = "proponents", filter: dict[str, Any] | None = None,
-                        normalize: bool = False) -> InfluenceResponse:
-        body = self._influence_body(examples, k, direction, filter, normalize)
+                        normalize: bool = False, render: bool = False) -> InfluenceResponse:
+        """The top-``k`` proponents and/or opponents of each example; see
+        :meth:`Client.influence` for the arguments."""
+        body = self._influence_body(examples, k, direction, filter, normalize, render)
         return await self._get(InfluenceResponse, "POST", self._index(name, "influence"),
                                json=body)
 
     async def scores(self, name: str, examples: Sequence[Payload],
                      ids: Sequence[str] | None = None) -> ScoresResponse:
+        """Exact scores ``[example][id]``; see :meth:`Client.scores`."""
         body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
         return await self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     async def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                      filter: dict[str, Any] | None = None, normalize: bool = False
                      ) -> SelectResponse:
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
+        """Training examples ranked by mean influence; see :meth:`Client.select`."""
+        body = self._select_body(examples, k, filter, normalize)
         return await self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     async def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                             ascending: bool = False) -> SelfInfluencePage:
-        params = {"limit": limit, "offset": offset, "ascending": str(ascending).lower()}
+                             ascending: bool = False, render: bool = False
+                             ) -> SelfInfluencePage:
+        """One page by self-influence; see :meth:`Client.self_influence`."""
+        params = self._page_params(limit, offset, ascending, render)
         return await self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                                params=params)
 
     async def example(self, name: str, example_id: str) -> TrainingExample:
+        """A live training example by its id; see :meth:`Client.example`."""
         return await self._get(TrainingExample, "GET",
                                self._index(name, "examples", segment(example_id)))
 
     async def delete(self, name: str, example_id: str) -> TrainingExample:
+        """Remove a training example for good (needs an admin key); see :meth:`Client.delete`."""
         data = await self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
     async def metrics(self) -> str:
+        """The server's Prometheus metrics, as text."""
         return (await self._request("GET", "/metrics")).text
-
-

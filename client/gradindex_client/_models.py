@@ -67,6 +67,8 @@ class InfluenceResult(_Model):
 
 
 class InfluenceResponse(_Model):
+    """The answer to ``influence``: one result per test example, in order."""
+
     index: str
     version: int
     results: list[InfluenceResult]
@@ -81,6 +83,8 @@ class InfluenceResponse(_Model):
 
 
 class ScoresResponse(_Model):
+    """The answer to ``scores``: ``scores[example][j]`` is the score against ``ids[j]``."""
+
     index: str
     version: int
     ids: list[str]
@@ -92,16 +96,22 @@ class ScoresResponse(_Model):
 
 
 class SelectResponse(_Model):
+    """The answer to ``select``: training examples, highest mean influence first."""
+
     index: str
     version: int
     ids: list[str]
     results: list[Example]
 
     def to_pandas(self) -> pandas.DataFrame:
+        """One row per training example: rank, id, score (mean influence), self-influence,
+        ``meta.*``."""
         return _pandas().DataFrame(_rows(self.results))
 
 
 class SelfInfluencePage(_Model):
+    """One page of ``self_influence``; ``next_offset`` is None on the last page."""
+
     index: str
     version: int
     limit: int
@@ -110,10 +120,14 @@ class SelfInfluencePage(_Model):
     results: list[TrainingExample]
 
     def to_pandas(self) -> pandas.DataFrame:
+        """One row per training example: rank (within the page), id, self-influence,
+        ``meta.*``."""
         return _pandas().DataFrame(_rows(self.results)).drop(columns="score", errors="ignore")
 
 
 class IndexSummary(_Model):
+    """An index: its published version, size and whether the server serves it."""
+
     name: str
     status: Literal["serving", "unavailable", "unpublished"] | str
     version: int | None
@@ -125,6 +139,8 @@ class IndexSummary(_Model):
 
 
 class IndexDetail(IndexSummary):
+    """An index with the settings it was built with and the device that serves it."""
+
     task: dict[str, Any]
     compression: dict[str, Any]
     preconditioner: dict[str, Any]
@@ -134,6 +150,8 @@ class IndexDetail(IndexSummary):
 
 
 class Health(_Model):
+    """The server's liveness: status ``ok``, contract version, devices."""
+
     status: str
     contract: int
     version: str
