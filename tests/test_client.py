@@ -1,13 +1,16 @@
 """The client: no heavy imports, typed results, errors with the server's message, retries on
-503 that honour Retry-After, an injectable transport, rendered hits, and the async twin
-against the server."""
+503 that honour Retry-After, a URL in the error when no answer comes, an injectable transport,
+and the async twin against the server."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import gradindex_client as client
@@ -17,6 +20,7 @@ from gradindex_client import (
     AsyncClient,
     AuthenticationError,
     Client,
+    ConnectionFailed,
     GradindexHTTPError,
     InvalidRequest,
     NotFound,
@@ -26,7 +30,7 @@ from gradindex_client import (
 
 from gradindex.indexer.tasks import DigitsTask
 
-from .conftest import REPO, SERVED_INDEX, LiveServer
+from .conftest import REPO, SERVED_INDEX, LiveServer, free_port
 
 
 def test_importing_client_imports_neither_torch_nor_faiss_nor_numpy() -> None:
@@ -126,6 +130,75 @@ def test_async_client_against_the_server(live_server: LiveServer,
         assert [h.id for h in g.opponents] == [h.id for h in w.opponents]
         assert [h.score for h in g.proponents] == pytest.approx(
             [h.score for h in w.proponents], rel=1e-4, abs=1e-4)
+
+
+# ------------------------------------------------------------------ no answer at all
+
+
+@pytest.fixture()
+def silent_server() -> Iterator[str]:
+    """The URL of a socket that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _call(cls: type[Client] | type[AsyncClient], base_url: str, **options: Any) -> None:
+    """``health()`` on a new client of ``cls``, awaited when it is the async one."""
+    if cls is Client:
+        with Client(base_url, **options) as c:
+            c.health()
+        return
+
+    async def run() -> None:
+        async with AsyncClient(base_url, **options) as c:
+            await c.health()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_a_refused_connection_raises_connection_failed_naming_the_url(
+        cls: type[Client] | type[AsyncClient]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+    with pytest.raises(ConnectionFailed) as info:
+        _call(cls, url, retries=3)
+    error = info.value
+    assert isinstance(error, GradindexHTTPError)
+    assert (error.status, error.type, error.url) == (0, "ConnectError", url + "/v1/health")
+    assert str(error).startswith(f"ConnectError: could not connect to {url}/v1/health (")
+    assert "GRADINDEX_URL" in str(error)
+    assert isinstance(error.__cause__, httpx.ConnectError)
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_a_timeout_raises_connection_failed_naming_the_url(
+        cls: type[Client] | type[AsyncClient], silent_server: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConnectionFailed) as info:
+        _call(cls, silent_server, timeout=0.3)
+    assert time.monotonic() - started < 5
+    error = info.value
+    assert (error.status, error.type, error.url) == (0, "ReadTimeout",
+                                                     silent_server + "/v1/health")
+    assert str(error) == (f"ReadTimeout: GET {silent_server}/v1/health got no answer in time "
+                          "(ReadTimeout); raise the client's `timeout` (seconds per request) "
+                          "or send fewer examples per request")
+    assert isinstance(error.__cause__, httpx.ReadTimeout)
+
+
+def test_a_failed_connection_is_not_retried() -> None:
+    tries: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        tries.append(request)
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    with Client("http://gradindex.test", transport=httpx.MockTransport(refuse), retries=3,
+                backoff=0) as c, pytest.raises(ConnectionFailed, match="Connection refused"):
+        c.index("digits")
+    assert len(tries) == 1
 
 
 # ------------------------------------------------------------------ render

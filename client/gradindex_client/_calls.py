@@ -11,7 +11,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from ._errors import GradindexHTTPError, error_for
+from ._errors import ConnectionFailed, GradindexHTTPError, error_for
 
 __all__ = ["API_KEY_ENV", "DEFAULT_URL", "URL_ENV", "Calls", "M", "Payload", "segment"]
 
@@ -42,6 +42,21 @@ class Calls:
 
     def _url(self, path: str) -> str:
         return self.base_url + path
+
+    @staticmethod
+    def _unreachable(method: str, url: str, exc: httpx.TransportError) -> ConnectionFailed:
+        """The client's error for a request that got no response, saying what to check."""
+        kind = type(exc).__name__
+        detail = str(exc) or kind
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            message = (f"could not connect to {url} ({detail}); is the server running there? "
+                       f"Point the client at it with `base_url` or {URL_ENV}")
+        elif isinstance(exc, httpx.TimeoutException):
+            message = (f"{method} {url} got no answer in time ({kind}); raise the client's "
+                       "`timeout` (seconds per request) or send fewer examples per request")
+        else:
+            message = f"{method} {url} failed before the server answered ({kind}: {detail})"
+        return ConnectionFailed(url, kind, message)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -1,4 +1,5 @@
-"""``Client`` and ``AsyncClient``: one method per endpoint, typed results, retries on 503.
+"""``Client`` and ``AsyncClient``: one method per endpoint, typed results, retries on 503,
+:class:`~gradindex_client.ConnectionFailed` when the server does not answer.
 
 Both take an injectable ``httpx.Client``/``httpx.AsyncClient`` or transport, so tests can hand
 them an app in process or point them at a real server.
@@ -62,10 +63,14 @@ class Client(Calls):
 
     def _request(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None) -> httpx.Response:
+        url = self._url(path)
         attempt = 0
         while True:
-            response = self._http.request(method, self._url(path), json=json, params=params,
-                                          headers=self._headers())
+            try:
+                response = self._http.request(method, url, json=json, params=params,
+                                              headers=self._headers())
+            except httpx.TransportError as exc:
+                raise self._unreachable(method, url, exc) from exc
             if response.is_success:
                 return response
             error = self._error(response)
@@ -213,10 +218,14 @@ class AsyncClient(Calls):
 
     async def _request(self, method: str, path: str, *, json: Any = None,
                        params: dict[str, Any] | None = None) -> httpx.Response:
+        url = self._url(path)
         attempt = 0
         while True:
-            response = await self._http.request(method, self._url(path), json=json,
-                                                params=params, headers=self._headers())
+            try:
+                response = await self._http.request(method, url, json=json, params=params,
+                                                    headers=self._headers())
+            except httpx.TransportError as exc:
+                raise self._unreachable(method, url, exc) from exc
             if response.is_success:
                 return response
             error = self._error(response)
