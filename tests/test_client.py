@@ -1,6 +1,6 @@
 """The client: no heavy imports, typed results, errors with the server's message, retries on
 503 that honour Retry-After, a URL in the error when no answer comes, an injectable transport,
-and the async twin against the server."""
+tables with payloads, and the async twin against the server."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from gradindex_client import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    SelfInfluencePage,
     ServiceUnavailable,
 )
 
@@ -199,6 +200,49 @@ def test_a_failed_connection_is_not_retried() -> None:
                 backoff=0) as c, pytest.raises(ConnectionFailed, match="Connection refused"):
         c.index("digits")
     assert len(tries) == 1
+
+
+# ------------------------------------------------------------------ tables with payloads
+
+
+def test_to_pandas_adds_payload_columns_on_request(live_server: LiveServer,
+                                                  server_keys: dict[str, str],
+                                                  store_task: DigitsTask) -> None:
+    payloads = store_task.test_payloads(2)
+    with Client(live_server.url, api_key=server_keys["read"]) as c:
+        got = c.influence(SERVED_INDEX, payloads, 3, direction="both")
+        plain, full = got.to_pandas(), got.to_pandas(payloads=True)
+        assert [col for col in plain.columns if col.startswith("payload")] == []
+        assert list(full.columns) == [*plain.columns, "payload.x", "payload.y"]
+        assert len(full) == 2 * 2 * 3
+        last = full.iloc[-1]  # the second example's weakest opponent
+        assert (last["example"], last["direction"], last["rank"]) == (1, "opponents", 2)
+        stored = c.example(SERVED_INDEX, last["id"]).payload
+        assert (last["payload.x"], last["payload.y"]) == (stored["x"], stored["y"])
+        assert full["payload.y"].tolist() == [h.payload["y"] for r in got.results
+                                              for h in [*r.proponents, *r.opponents]]
+
+        chosen = c.select(SERVED_INDEX, payloads, 4)
+        frame = chosen.to_pandas(payloads=True)
+        assert frame["id"].tolist() == chosen.ids
+        assert frame["payload.y"].tolist() == [h.payload["y"] for h in chosen.results]
+
+        page = c.self_influence(SERVED_INDEX, limit=4)
+        frame = page.to_pandas(payloads=True)
+        assert "score" not in frame.columns
+        assert frame["payload.x"].tolist() == [e.payload["x"] for e in page.results]
+
+
+def test_a_payload_that_is_not_an_object_is_one_payload_column() -> None:
+    page = SelfInfluencePage.model_validate({
+        "index": "texts", "version": 1, "limit": 2, "offset": 0, "next_offset": None,
+        "results": [{"id": "a", "payload": "the cat sat", "meta": {"lang": "en"},
+                     "self_influence": 2.0},
+                    {"id": "b", "payload": "le chat", "meta": {"lang": "fr"},
+                     "self_influence": 1.0}]})
+    frame = page.to_pandas(payloads=True)
+    assert list(frame.columns) == ["rank", "id", "self_influence", "meta.lang", "payload"]
+    assert frame["payload"].tolist() == ["the cat sat", "le chat"]
 
 
 # ------------------------------------------------------------------ render

@@ -53,9 +53,19 @@ class Example(TrainingExample):
     score: float
 
 
-def _rows(examples: list[Example] | list[TrainingExample], **extra: Any) -> list[dict[str, Any]]:
+def _payload_columns(payload: Any) -> dict[str, Any]:
+    """A payload as columns: a JSON object one ``payload.<key>`` column per key (as metadata
+    become ``meta.<key>``), anything else (text, a list) one ``payload`` column."""
+    if isinstance(payload, dict):
+        return {f"payload.{k}": v for k, v in payload.items()}
+    return {"payload": payload}
+
+
+def _rows(examples: list[Example] | list[TrainingExample], payloads: bool = False,
+          **extra: Any) -> list[dict[str, Any]]:
     return [{**extra, "rank": rank, "id": e.id, "score": getattr(e, "score", None),
-             "self_influence": e.self_influence, **{f"meta.{k}": v for k, v in e.meta.items()}}
+             "self_influence": e.self_influence, **{f"meta.{k}": v for k, v in e.meta.items()},
+             **(_payload_columns(e.payload) if payloads else {})}
             for rank, e in enumerate(examples)]
 
 
@@ -73,11 +83,22 @@ class InfluenceResponse(_Model):
     version: int
     results: list[InfluenceResult]
 
-    def to_pandas(self) -> pandas.DataFrame:
-        """One row per (test example, direction, rank): id, score, self-influence, metadata."""
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
+        """One row per (test example, direction, rank): id, score, self-influence, metadata.
+
+        Args:
+            payloads: add the training examples' payloads: a JSON object as one
+                ``payload.<key>`` column per key (``payload.text``, ``payload.label``), like
+                the ``meta.<key>`` columns; any other payload as one ``payload`` column.
+
+        Returns:
+            Columns ``example`` (the test example's position), ``direction``, ``rank``,
+            ``id``, ``score``, ``self_influence``, then ``meta.*`` (and ``payload.*``).
+        """
         rows = [row for i, r in enumerate(self.results)
                 for direction in ("proponents", "opponents")
-                for row in _rows(getattr(r, direction), example=i, direction=direction)]
+                for row in _rows(getattr(r, direction), payloads, example=i,
+                                 direction=direction)]
         columns = ["example", "direction", "rank", "id", "score", "self_influence"]
         return _pandas().DataFrame(rows, columns=None if rows else columns)
 
@@ -103,10 +124,14 @@ class SelectResponse(_Model):
     ids: list[str]
     results: list[Example]
 
-    def to_pandas(self) -> pandas.DataFrame:
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
         """One row per training example: rank, id, score (mean influence), self-influence,
-        ``meta.*``."""
-        return _pandas().DataFrame(_rows(self.results))
+        ``meta.*``.
+
+        Args:
+            payloads: add the payloads, as :meth:`InfluenceResponse.to_pandas` does.
+        """
+        return _pandas().DataFrame(_rows(self.results, payloads))
 
 
 class SelfInfluencePage(_Model):
@@ -119,10 +144,15 @@ class SelfInfluencePage(_Model):
     next_offset: int | None
     results: list[TrainingExample]
 
-    def to_pandas(self) -> pandas.DataFrame:
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
         """One row per training example: rank (within the page), id, self-influence,
-        ``meta.*``."""
-        return _pandas().DataFrame(_rows(self.results)).drop(columns="score", errors="ignore")
+        ``meta.*``.
+
+        Args:
+            payloads: add the payloads, as :meth:`InfluenceResponse.to_pandas` does.
+        """
+        frame = _pandas().DataFrame(_rows(self.results, payloads))
+        return frame.drop(columns="score", errors="ignore")
 
 
 class IndexSummary(_Model):
