@@ -1,10 +1,11 @@
 """The client: no heavy imports, typed results, errors with the server's message, retries on
 503 that honour Retry-After, a URL in the error when no answer comes, an injectable transport,
-tables with payloads, and the async twin against the server."""
+tables with payloads, paging, and the async twin against the server."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import subprocess
@@ -260,3 +261,47 @@ def test_render_asks_the_server_for_each_hits_rendering(live_server: LiveServer,
         assert hit.render == {"kind": "image", "shape": [8, 8], "pixels": hit.payload["x"],
                               "label": hit.payload["y"]}
 
+
+# ------------------------------------------------------------------ paging
+
+
+def test_iter_self_influence_pages_through_every_example(live_server: LiveServer,
+                                                        server_keys: dict[str, str]) -> None:
+    requests: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [requests.append]})
+    with http, Client(live_server.url, api_key=server_keys["read"], http_client=http) as c:
+        count = c.index(SERVED_INDEX).count
+        everything = c.self_influence(SERVED_INDEX, limit=1000).results
+        assert len(everything) == count
+        for page_size in (7, count):  # a last page part full; a last page empty
+            requests.clear()
+            got = list(c.iter_self_influence(SERVED_INDEX, page_size=page_size))
+            assert [e.id for e in got] == [e.id for e in everything]
+            assert len(requests) == count // page_size + 1
+            assert requests[-1].url.params["offset"] == str(count // page_size * page_size)
+        values = [e.self_influence for e in everything]
+        assert values == sorted(values, reverse=True)
+
+        lowest = c.self_influence(SERVED_INDEX, limit=1000, ascending=True).results
+        got = list(c.iter_self_influence(SERVED_INDEX, page_size=50, ascending=True))
+        assert [e.id for e in got] == [e.id for e in lowest]
+
+        requests.clear()
+        first = list(itertools.islice(c.iter_self_influence(SERVED_INDEX, page_size=5), 3))
+        assert [e.id for e in first] == [e.id for e in everything[:3]]
+        assert len(requests) == 1  # pages are fetched as the loop reaches them
+
+        with pytest.raises(ValueError, match="`page_size` must be at least 1, got 0"):
+            next(c.iter_self_influence(SERVED_INDEX, page_size=0))
+
+
+def test_async_iter_self_influence_pages_through_every_example(
+        live_server: LiveServer, server_keys: dict[str, str]) -> None:
+    with Client(live_server.url, api_key=server_keys["read"]) as sync:
+        want = [e.id for e in sync.self_influence(SERVED_INDEX, limit=1000).results]
+
+    async def run() -> list[str]:
+        async with AsyncClient(live_server.url, api_key=server_keys["read"]) as c:
+            return [e.id async for e in c.iter_self_influence(SERVED_INDEX, page_size=40)]
+
+    assert asyncio.run(run()) == want

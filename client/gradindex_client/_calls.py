@@ -119,3 +119,8 @@ class Calls:
         if render:
             params["render"] = "true"
         return params
+
+    @staticmethod
+    def _check_page_size(page_size: int) -> None:
+        if page_size < 1:
+            raise ValueError(f"`page_size` must be at least 1, got {page_size}")

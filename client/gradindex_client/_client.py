@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -167,6 +167,35 @@ class Client(Calls):
         return self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                          params=params)
 
+    def iter_self_influence(self, name: str, page_size: int = 100, *,
+                            ascending: bool = False, render: bool = False
+                            ) -> Iterator[TrainingExample]:
+        """Every live training example by self-influence, fetched a page at a time.
+
+        Follows ``next_offset`` until the last page, requesting each page only when the loop
+        reaches it. A delete or a newly published version between two pages can shift the
+        ranking of the pages still to come.
+
+        Args:
+            name: the index.
+            page_size: examples per request (1 to 1,000).
+            ascending: lowest self-influence first.
+            render: add each example's ``render``.
+
+        Yields:
+            Training examples, highest self-influence first (lowest with ``ascending``).
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = self.self_influence(name, page_size, offset, ascending=ascending,
+                                       render=render)
+            yield from page.results
+            offset = page.next_offset
+
     def example(self, name: str, example_id: str) -> TrainingExample:
         """A live training example by its id.
 
@@ -195,7 +224,7 @@ class Client(Calls):
 
 class AsyncClient(Calls):
     """An asynchronous gradindex client: the same arguments and methods as :class:`Client`,
-    awaited."""
+    awaited (and ``iter_self_influence`` an async iterator)."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
@@ -281,6 +310,24 @@ class AsyncClient(Calls):
         params = self._page_params(limit, offset, ascending, render)
         return await self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                                params=params)
+
+    async def iter_self_influence(self, name: str, page_size: int = 100, *,
+                                  ascending: bool = False, render: bool = False
+                                  ) -> AsyncIterator[TrainingExample]:
+        """Every live training example by self-influence, a page at a time (``async for``);
+        see :meth:`Client.iter_self_influence`.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.self_influence(name, page_size, offset, ascending=ascending,
+                                             render=render)
+            for example in page.results:
+                yield example
+            offset = page.next_offset
 
     async def example(self, name: str, example_id: str) -> TrainingExample:
         """A live training example by its id; see :meth:`Client.example`."""
