@@ -36,6 +36,7 @@ CLIENT_API = [
     "AuthenticationError",
     "BadRequest",
     "Client",
+    "ConnectionFailed",
     "Example",
     "GradindexHTTPError",
     "Health",

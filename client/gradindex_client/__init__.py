@@ -12,6 +12,7 @@ from ._client import DEFAULT_URL, AsyncClient, Client
 from ._errors import (
     AuthenticationError,
     BadRequest,
+    ConnectionFailed,
     GradindexHTTPError,
     InvalidRequest,
     NotFound,
@@ -38,6 +39,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequest",
     "Client",
+    "ConnectionFailed",
     "Example",
     "GradindexHTTPError",
     "Health",

@@ -1,4 +1,5 @@
-"""``Client`` and ``AsyncClient``: one method per endpoint, typed results, retries on 503.
+"""``Client`` and ``AsyncClient``: one method per endpoint, typed results, retries on 503,
+:class:`~gradindex_client.ConnectionFailed` when the server does not answer.
 
 Both take an injectable ``httpx.Client``/``httpx.AsyncClient`` or transport, so tests can hand
 them an app in process or point them at a real server.
@@ -7,16 +8,13 @@ them an app in process or point them at a real server.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Sequence
-from typing import Any, TypeVar
-from urllib.parse import quote
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import httpx
-from pydantic import BaseModel
 
-from ._errors import GradindexHTTPError, error_for
+from ._calls import DEFAULT_URL, Calls, M, Payload, segment
 from ._models import (
     Health,
     IndexDetail,
@@ -30,74 +28,8 @@ from ._models import (
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-API_KEY_ENV = "GRADINDEX_API_KEY"
-URL_ENV = "GRADINDEX_URL"
-M = TypeVar("M", bound=BaseModel)
-Payload = dict[str, Any]
 
-
-def _segment(value: str) -> str:
-    return quote(str(value), safe="")
-
-
-class _Calls:
-    """What the two clients share: the endpoints as (method, path, body), errors, back-off."""
-
-    def __init__(self, base_url: str | None, api_key: str | None, retries: int,
-                 backoff: float, max_backoff: float) -> None:
-        self.base_url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        if retries < 0 or backoff < 0:
-            raise ValueError("`retries` and `backoff` must be non-negative")
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-
-    def _url(self, path: str) -> str:
-        return self.base_url + path
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def _delay(self, attempt: int, error: GradindexHTTPError) -> float:
-        if error.retry_after is not None:
-            return min(error.retry_after, self.max_backoff)
-        return min(self.backoff * 2**attempt, self.max_backoff)
-
-    @staticmethod
-    def _error(response: httpx.Response) -> GradindexHTTPError:
-        kind, message = "HTTPError", response.text[:500] or response.reason_phrase
-        try:
-            body = response.json()
-            kind = str(body["error"]["type"])
-            message = str(body["error"]["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        retry: float | None = None
-        header = response.headers.get("Retry-After")
-        if header is not None:
-            try:
-                retry = float(header)
-            except ValueError:
-                retry = None
-        return error_for(response.status_code, kind, message, retry)
-
-    @staticmethod
-    def _index(name: str, *rest: str) -> str:
-        return "/v1/indexes/" + "/".join([_segment(name), *rest])
-
-    @staticmethod
-    def _influence_body(examples: Sequence[Payload], k: int, direction: str,
-                        filter: dict[str, Any] | None, normalize: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "direction": direction,
-                                "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
-        return body
-
-
-class Client(_Calls):
+class Client(Calls):
     """A synchronous gradindex client.
 
     Args:
@@ -119,6 +51,7 @@ class Client(_Calls):
         self._http = http_client or httpx.Client(timeout=timeout, transport=transport)
 
     def close(self) -> None:
+        """Close the connections (not those of an ``http_client`` passed in)."""
         if self._own:
             self._http.close()
 
@@ -130,10 +63,14 @@ class Client(_Calls):
 
     def _request(self, method: str, path: str, *, json: Any = None,
                  params: dict[str, Any] | None = None) -> httpx.Response:
+        url = self._url(path)
         attempt = 0
         while True:
-            response = self._http.request(method, self._url(path), json=json, params=params,
-                                          headers=self._headers())
+            try:
+                response = self._http.request(method, url, json=json, params=params,
+                                              headers=self._headers())
+            except httpx.TransportError as exc:
+                raise self._unreachable(method, url, exc) from exc
             if response.is_success:
                 return response
             error = self._error(response)
@@ -148,7 +85,7 @@ class Client(_Calls):
     # ------------------------------------------------------------------ endpoints
 
     def health(self) -> Health:
-        """The server's status, contract version and devices."""
+        """The server's status, contract version and devices (needs no key)."""
         return self._get(Health, "GET", "/v1/health")
 
     def indexes(self) -> list[IndexSummary]:
@@ -157,52 +94,127 @@ class Client(_Calls):
         return [IndexSummary.model_validate(row) for row in data["indexes"]]
 
     def index(self, name: str) -> IndexDetail:
-        """One index's size and settings."""
+        """One index's size and settings.
+
+        Raises:
+            NotFound: no index is named ``name``.
+        """
         return self._get(IndexDetail, "GET", self._index(name))
 
     def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                   direction: str = "proponents", filter: dict[str, Any] | None = None,
-                  normalize: bool = False) -> InfluenceResponse:
-        """The top-``k`` proponents and/or opponents (``direction="both"``) of each example.
+                  normalize: bool = False, render: bool = False) -> InfluenceResponse:
+        """The top-``k`` proponents and/or opponents of each test example.
 
         Args:
+            name: the index.
+            examples: test examples, as the index's task takes them (JSON payloads).
+            k: results per example and direction (1 to 1,000).
+            direction: ``"proponents"``, ``"opponents"`` or ``"both"``.
             filter: search only training examples whose metadata match
                 (``{"label": 3}``, ``{"source": ["wiki", "books"]}``).
             normalize: rank by relative influence (score / sqrt(self-influence)).
+            render: add each hit's ``render`` (how the task shows it).
+
+        Returns:
+            One :class:`InfluenceResult` per example, in order.
         """
-        body = self._influence_body(examples, k, direction, filter, normalize)
+        body = self._influence_body(examples, k, direction, filter, normalize, render)
         return self._get(InfluenceResponse, "POST", self._index(name, "influence"), json=body)
 
     def scores(self, name: str, examples: Sequence[Payload],
                ids: Sequence[str] | None = None) -> ScoresResponse:
-        """Exact scores ``[example][id]`` against ``ids`` (default: every live example)."""
+        """Exact scores ``[example][id]`` against ``ids`` (default: every live example).
+
+        Args:
+            name: the index.
+            examples: test examples (task payloads).
+            ids: training example ids; None scores every live one.
+        """
         body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
         return self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                filter: dict[str, Any] | None = None, normalize: bool = False
                ) -> SelectResponse:
-        """Training examples ranked by mean influence over ``examples`` (data selection)."""
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
+        """Training examples ranked by mean influence over ``examples`` (data selection).
+
+        Args:
+            name: the index.
+            examples: the target set (task payloads).
+            k: how many training examples to return.
+            filter: rank only training examples whose metadata match.
+            normalize: rank by relative influence.
+        """
+        body = self._select_body(examples, k, filter, normalize)
         return self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                       ascending: bool = False) -> SelfInfluencePage:
-        """One page of training examples by self-influence (highest first)."""
-        params = {"limit": limit, "offset": offset, "ascending": str(ascending).lower()}
+                       ascending: bool = False, render: bool = False) -> SelfInfluencePage:
+        """One page of training examples by self-influence (highest first).
+
+        Args:
+            name: the index.
+            limit: examples per page (1 to 1,000).
+            offset: examples to skip.
+            ascending: lowest self-influence first.
+            render: add each example's ``render``.
+
+        Returns:
+            The page; its ``next_offset`` is None on the last one.
+        """
+        params = self._page_params(limit, offset, ascending, render)
         return self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                          params=params)
 
+    def iter_self_influence(self, name: str, page_size: int = 100, *,
+                            ascending: bool = False, render: bool = False
+                            ) -> Iterator[TrainingExample]:
+        """Every live training example by self-influence, fetched a page at a time.
+
+        Follows ``next_offset`` until the last page, requesting each page only when the loop
+        reaches it. A delete or a newly published version between two pages can shift the
+        ranking of the pages still to come.
+
+        Args:
+            name: the index.
+            page_size: examples per request (1 to 1,000).
+            ascending: lowest self-influence first.
+            render: add each example's ``render``.
+
+        Yields:
+            Training examples, highest self-influence first (lowest with ``ascending``).
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = self.self_influence(name, page_size, offset, ascending=ascending,
+                                       render=render)
+            yield from page.results
+            offset = page.next_offset
+
     def example(self, name: str, example_id: str) -> TrainingExample:
-        """A live training example by its id."""
+        """A live training example by its id.
+
+        Raises:
+            NotFound: no live example has this id (or no index this name).
+        """
         return self._get(TrainingExample, "GET", self._index(name, "examples",
-                                                             _segment(example_id)))
+                                                             segment(example_id)))
 
     def delete(self, name: str, example_id: str) -> TrainingExample:
-        """Remove a training example from every result, for good (needs an admin key)."""
-        data = self._request("DELETE", self._index(name, "examples", _segment(example_id)))
+        """Remove a training example from every result, for good (needs an admin key).
+
+        Returns:
+            The example as it was.
+
+        Raises:
+            PermissionDenied: the key is not an admin key.
+        """
+        data = self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
     def metrics(self) -> str:
@@ -210,8 +222,9 @@ class Client(_Calls):
         return self._request("GET", "/metrics").text
 
 
-class AsyncClient(_Calls):
-    """An asynchronous gradindex client; the same methods as :class:`Client`, awaited."""
+class AsyncClient(Calls):
+    """An asynchronous gradindex client: the same arguments and methods as :class:`Client`,
+    awaited (and ``iter_self_influence`` an async iterator)."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.25,
@@ -222,6 +235,7 @@ class AsyncClient(_Calls):
         self._http = http_client or httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
+        """Close the connections (not those of an ``http_client`` passed in)."""
         if self._own:
             await self._http.aclose()
 
@@ -233,10 +247,14 @@ class AsyncClient(_Calls):
 
     async def _request(self, method: str, path: str, *, json: Any = None,
                        params: dict[str, Any] | None = None) -> httpx.Response:
+        url = self._url(path)
         attempt = 0
         while True:
-            response = await self._http.request(method, self._url(path), json=json,
-                                                params=params, headers=self._headers())
+            try:
+                response = await self._http.request(method, url, json=json, params=params,
+                                                    headers=self._headers())
+            except httpx.TransportError as exc:
+                raise self._unreachable(method, url, exc) from exc
             if response.is_success:
                 return response
             error = self._error(response)
@@ -248,51 +266,79 @@ class AsyncClient(_Calls):
     async def _get(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
         return model.model_validate((await self._request(method, path, **kwargs)).json())
 
+    # ------------------------------------------------------------------ endpoints
+
     async def health(self) -> Health:
+        """The server's status, contract version and devices; see :meth:`Client.health`."""
         return await self._get(Health, "GET", "/v1/health")
 
     async def indexes(self) -> list[IndexSummary]:
+        """Every index and whether the server serves it."""
         data = (await self._request("GET", "/v1/indexes")).json()
         return [IndexSummary.model_validate(row) for row in data["indexes"]]
 
     async def index(self, name: str) -> IndexDetail:
+        """One index's size and settings; see :meth:`Client.index`."""
         return await self._get(IndexDetail, "GET", self._index(name))
 
     async def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                         direction: str = "proponents", filter: dict[str, Any] | None = None,
-                        normalize: bool = False) -> InfluenceResponse:
-        body = self._influence_body(examples, k, direction, filter, normalize)
+                        normalize: bool = False, render: bool = False) -> InfluenceResponse:
+        """The top-``k`` proponents and/or opponents of each example; see
+        :meth:`Client.influence` for the arguments."""
+        body = self._influence_body(examples, k, direction, filter, normalize, render)
         return await self._get(InfluenceResponse, "POST", self._index(name, "influence"),
                                json=body)
 
     async def scores(self, name: str, examples: Sequence[Payload],
                      ids: Sequence[str] | None = None) -> ScoresResponse:
+        """Exact scores ``[example][id]``; see :meth:`Client.scores`."""
         body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
         return await self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     async def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
                      filter: dict[str, Any] | None = None, normalize: bool = False
                      ) -> SelectResponse:
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "normalize": normalize}
-        if filter is not None:
-            body["filter"] = filter
+        """Training examples ranked by mean influence; see :meth:`Client.select`."""
+        body = self._select_body(examples, k, filter, normalize)
         return await self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     async def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                             ascending: bool = False) -> SelfInfluencePage:
-        params = {"limit": limit, "offset": offset, "ascending": str(ascending).lower()}
+                             ascending: bool = False, render: bool = False
+                             ) -> SelfInfluencePage:
+        """One page by self-influence; see :meth:`Client.self_influence`."""
+        params = self._page_params(limit, offset, ascending, render)
         return await self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                                params=params)
 
+    async def iter_self_influence(self, name: str, page_size: int = 100, *,
+                                  ascending: bool = False, render: bool = False
+                                  ) -> AsyncIterator[TrainingExample]:
+        """Every live training example by self-influence, a page at a time (``async for``);
+        see :meth:`Client.iter_self_influence`.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.self_influence(name, page_size, offset, ascending=ascending,
+                                             render=render)
+            for example in page.results:
+                yield example
+            offset = page.next_offset
+
     async def example(self, name: str, example_id: str) -> TrainingExample:
+        """A live training example by its id; see :meth:`Client.example`."""
         return await self._get(TrainingExample, "GET",
-                               self._index(name, "examples", _segment(example_id)))
+                               self._index(name, "examples", segment(example_id)))
 
     async def delete(self, name: str, example_id: str) -> TrainingExample:
-        data = await self._request("DELETE", self._index(name, "examples", _segment(example_id)))
+        """Remove a training example for good (needs an admin key); see :meth:`Client.delete`."""
+        data = await self._request("DELETE", self._index(name, "examples", segment(example_id)))
         return TrainingExample.model_validate(data.json()["deleted"])
 
     async def metrics(self) -> str:
+        """The server's Prometheus metrics, as text."""
         return (await self._request("GET", "/metrics")).text
-
-

@@ -1,10 +1,12 @@
-"""Errors the client raises: one per status class, each with the server's message."""
+"""Errors the client raises: one per status class, each with the server's message, and
+:class:`ConnectionFailed` when no answer came at all."""
 
 from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
     "BadRequest",
+    "ConnectionFailed",
     "GradindexHTTPError",
     "InvalidRequest",
     "NotFound",
@@ -16,10 +18,11 @@ __all__ = [
 
 
 class GradindexHTTPError(Exception):
-    """The server answered with an error.
+    """A request failed: the server answered with an error, or (:class:`ConnectionFailed`)
+    did not answer. Catch this one class to handle every failure of the client.
 
     Attributes:
-        status: the HTTP status code.
+        status: the HTTP status code (0 when no response came).
         type: the server's error type (``IndexNotFound``, ``TaskError``, ...).
         message: the server's message, which says what was wrong.
         retry_after: seconds the server asked to wait (503), if it said.
@@ -32,6 +35,19 @@ class GradindexHTTPError(Exception):
         self.type = type
         self.message = message
         self.retry_after = retry_after
+
+
+class ConnectionFailed(GradindexHTTPError):
+    """No response came: the connection was refused or dropped, or the request timed out.
+
+    Raised at once, not retried (only a 503 is). ``status`` is 0, ``type`` the transport's
+    exception (``ConnectError``, ``ReadTimeout``, ...) and ``url`` the URL the request went to.
+    """
+
+    def __init__(self, url: str, type: str, message: str) -> None:
+        super().__init__(0, type, message)
+        self.args = (f"{type}: {message}",)  # no status to show
+        self.url = url
 
 
 class BadRequest(GradindexHTTPError):

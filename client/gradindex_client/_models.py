@@ -53,9 +53,19 @@ class Example(TrainingExample):
     score: float
 
 
-def _rows(examples: list[Example] | list[TrainingExample], **extra: Any) -> list[dict[str, Any]]:
+def _payload_columns(payload: Any) -> dict[str, Any]:
+    """A payload as columns: a JSON object one ``payload.<key>`` column per key (as metadata
+    become ``meta.<key>``), anything else (text, a list) one ``payload`` column."""
+    if isinstance(payload, dict):
+        return {f"payload.{k}": v for k, v in payload.items()}
+    return {"payload": payload}
+
+
+def _rows(examples: list[Example] | list[TrainingExample], payloads: bool = False,
+          **extra: Any) -> list[dict[str, Any]]:
     return [{**extra, "rank": rank, "id": e.id, "score": getattr(e, "score", None),
-             "self_influence": e.self_influence, **{f"meta.{k}": v for k, v in e.meta.items()}}
+             "self_influence": e.self_influence, **{f"meta.{k}": v for k, v in e.meta.items()},
+             **(_payload_columns(e.payload) if payloads else {})}
             for rank, e in enumerate(examples)]
 
 
@@ -67,20 +77,35 @@ class InfluenceResult(_Model):
 
 
 class InfluenceResponse(_Model):
+    """The answer to ``influence``: one result per test example, in order."""
+
     index: str
     version: int
     results: list[InfluenceResult]
 
-    def to_pandas(self) -> pandas.DataFrame:
-        """One row per (test example, direction, rank): id, score, self-influence, metadata."""
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
+        """One row per (test example, direction, rank): id, score, self-influence, metadata.
+
+        Args:
+            payloads: add the training examples' payloads: a JSON object as one
+                ``payload.<key>`` column per key (``payload.text``, ``payload.label``), like
+                the ``meta.<key>`` columns; any other payload as one ``payload`` column.
+
+        Returns:
+            Columns ``example`` (the test example's position), ``direction``, ``rank``,
+            ``id``, ``score``, ``self_influence``, then ``meta.*`` (and ``payload.*``).
+        """
         rows = [row for i, r in enumerate(self.results)
                 for direction in ("proponents", "opponents")
-                for row in _rows(getattr(r, direction), example=i, direction=direction)]
+                for row in _rows(getattr(r, direction), payloads, example=i,
+                                 direction=direction)]
         columns = ["example", "direction", "rank", "id", "score", "self_influence"]
         return _pandas().DataFrame(rows, columns=None if rows else columns)
 
 
 class ScoresResponse(_Model):
+    """The answer to ``scores``: ``scores[example][j]`` is the score against ``ids[j]``."""
+
     index: str
     version: int
     ids: list[str]
@@ -92,16 +117,26 @@ class ScoresResponse(_Model):
 
 
 class SelectResponse(_Model):
+    """The answer to ``select``: training examples, highest mean influence first."""
+
     index: str
     version: int
     ids: list[str]
     results: list[Example]
 
-    def to_pandas(self) -> pandas.DataFrame:
-        return _pandas().DataFrame(_rows(self.results))
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
+        """One row per training example: rank, id, score (mean influence), self-influence,
+        ``meta.*``.
+
+        Args:
+            payloads: add the payloads, as :meth:`InfluenceResponse.to_pandas` does.
+        """
+        return _pandas().DataFrame(_rows(self.results, payloads))
 
 
 class SelfInfluencePage(_Model):
+    """One page of ``self_influence``; ``next_offset`` is None on the last page."""
+
     index: str
     version: int
     limit: int
@@ -109,11 +144,20 @@ class SelfInfluencePage(_Model):
     next_offset: int | None
     results: list[TrainingExample]
 
-    def to_pandas(self) -> pandas.DataFrame:
-        return _pandas().DataFrame(_rows(self.results)).drop(columns="score", errors="ignore")
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
+        """One row per training example: rank (within the page), id, self-influence,
+        ``meta.*``.
+
+        Args:
+            payloads: add the payloads, as :meth:`InfluenceResponse.to_pandas` does.
+        """
+        frame = _pandas().DataFrame(_rows(self.results, payloads))
+        return frame.drop(columns="score", errors="ignore")
 
 
 class IndexSummary(_Model):
+    """An index: its published version, size and whether the server serves it."""
+
     name: str
     status: Literal["serving", "unavailable", "unpublished"] | str
     version: int | None
@@ -125,6 +169,8 @@ class IndexSummary(_Model):
 
 
 class IndexDetail(IndexSummary):
+    """An index with the settings it was built with and the device that serves it."""
+
     task: dict[str, Any]
     compression: dict[str, Any]
     preconditioner: dict[str, Any]
@@ -134,6 +180,8 @@ class IndexDetail(IndexSummary):
 
 
 class Health(_Model):
+    """The server's liveness: status ``ok``, contract version, devices."""
+
     status: str
     contract: int
     version: str
