@@ -40,27 +40,35 @@ def test_compose_config_accepts_the_files(files: list[str]) -> None:
 def test_compose_services_health_checks_and_variables() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "api", "indexer"}
+    assert set(services) == {"postgres", "migrate", "api", "indexer"}
 
     pg = services["postgres"]
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     assert any(v.startswith("pgdata:") for v in pg["volumes"])
     assert "pgdata" in compose["volumes"] and "data" in compose["volumes"]
 
+    migrate = services["migrate"]  # the one place the schema is migrated
+    assert " ".join(migrate["command"]).endswith("db upgrade") and migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     api = services["api"]
     assert "/v1/health" in " ".join(api["healthcheck"]["test"])
-    assert "db upgrade" in " ".join(api["command"]) and "serve" in " ".join(api["command"])
-    assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "serve" in " ".join(api["command"]) and "upgrade" not in " ".join(api["command"])
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert api["depends_on"]["indexer"]["condition"] == "service_completed_successfully"
     indexer = services["indexer"]
     assert indexer["restart"] == "no" and "demo --build-only" in " ".join(indexer["command"])
-    for svc in (api, indexer):
+    assert indexer["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # a user's task reaches the indexer read-only; the api needs only the data volume, where
+    # the build copied the task file and its weights
+    assert any(v.endswith(":/tasks:ro") for v in indexer["volumes"])
+    assert api["volumes"] == ["data:/data"]
+    for svc in (api, indexer, migrate):
         env = svc["environment"]
         assert env["GRADINDEX_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["GRADINDEX_DATA_DIR"] == "/data"
-        assert "data:/data" in svc["volumes"]
         # configuration only through GRADINDEX_* variables
         assert all(key.startswith("GRADINDEX_") for key in env)
+    assert "data:/data" in indexer["volumes"]
 
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
     for name in ("api", "indexer"):  # the services that compute gradients
