@@ -1,7 +1,11 @@
-"""Small tasks built in code for the tests: sequences, broken losses, tiny classifiers."""
+"""Small tasks built in code for the tests (sequences, broken losses, tiny classifiers) and
+build hooks that record or stop a build at a named point."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -9,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradindex.indexer.build import BuildHooks, FinalizePoint
 from gradindex.indexer.errors import TaskError
 
 
@@ -78,3 +83,83 @@ class NanLossTask(SequenceTask):
     def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
         losses = super().loss(model, batch)
         return torch.where(batch[1] == 2, torch.full_like(losses, float("nan")), losses)
+
+
+class StreamedTask(SequenceTask):
+    """``examples()`` is a generator (no length), but the task says how many there are."""
+
+    def examples(self) -> Iterator[tuple[str, dict[str, Any]]]:  # type: ignore[override]
+        yield from super().examples()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+class DuplicateIdsTask(SequenceTask):
+    """Yields some ids twice: ``copies`` maps a position to the position whose id it repeats."""
+
+    def __init__(self, copies: dict[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.copies = copies
+
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        examples = super().examples()
+        return [(examples[self.copies.get(i, i)][0], payload)
+                for i, (_, payload) in enumerate(examples)]
+
+
+class NumpyPayloadTask(SequenceTask):
+    """Example ``bad`` carries a numpy value under ``field`` (the others are plain JSON)."""
+
+    def __init__(self, bad: int, field: str, value: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bad, self.field, self.value = bad, field, value
+
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        examples = super().examples()
+        ext_id, payload = examples[self.bad]
+        examples[self.bad] = (ext_id, {**payload, self.field: self.value})
+        return examples
+
+
+# ----------------------------------------------------------------------------- build hooks
+
+PAUSED_MARK = "GRADINDEX_TEST_PAUSED"
+"""What :class:`PausingHooks` prints to stderr when it stops, for the test to kill it."""
+
+
+class PausingHooks(BuildHooks):
+    """Stops the build at one point until the process is killed: after the ``after_chunks``-th
+    chunk of this run, or at finalize point ``at``. Announces it on stderr first."""
+
+    def __init__(self, *, after_chunks: int | None = None, at: FinalizePoint | None = None,
+                 sleep_s: float = 3600.0) -> None:
+        self.after_chunks = after_chunks
+        self.at = at
+        self.sleep_s = sleep_s
+
+    def after_chunk(self, chunks: int) -> None:
+        if chunks == self.after_chunks:
+            self._pause(f"chunk {chunks}")
+
+    def in_finalize(self, point: FinalizePoint) -> None:
+        if point == self.at:
+            self.at = None  # once: "rows" comes once per window
+            self._pause(point)
+
+    def _pause(self, where: str) -> None:
+        os.write(2, f"{PAUSED_MARK} {where}\n".encode())
+        time.sleep(self.sleep_s)
+
+
+class RecordingHooks(BuildHooks):
+    """Records every hook call, in order: ``("chunk", n)`` and ``("finalize", point)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def after_chunk(self, chunks: int) -> None:
+        self.calls.append(("chunk", chunks))
+
+    def in_finalize(self, point: FinalizePoint) -> None:
+        self.calls.append(("finalize", point))

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from gradindex import (
     BuildConfig,
@@ -22,10 +24,19 @@ from gradindex import (
     refinalize,
 )
 from gradindex.indexer.admin import delete_index, index_info, list_indexes
-from gradindex.indexer.errors import ConfigError, ExampleNotFound, IndexNotFound
+from gradindex.indexer.build import finalize, stage
+from gradindex.indexer.errors import ConfigError, ExampleNotFound, IndexNotFound, TaskError
+from gradindex.indexer.stage import check_json, shard_size
+from gradindex.indexer.store import ExampleRow, IndexVersion, connect, current_version
 from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
+from .factories import (
+    DuplicateIdsTask,
+    NumpyPayloadTask,
+    RecordingHooks,
+    StreamedTask,
+)
 
 RTOL = 1e-4
 ATOL_REL = 1e-5
@@ -247,3 +258,142 @@ def test_reader_sees_one_version_while_publishing(
     thread.join()
     assert not errors, errors
     assert opened >= 2 and len(seen) >= 1
+
+
+def example_ids(settings: Settings) -> list[int]:
+    with Session(connect(settings)) as session:
+        return list(session.scalars(select(ExampleRow.id)))
+
+
+def test_versions_are_numbered_per_index_and_ids_never_reused(
+    settings: Settings, featurizer: Featurizer
+) -> None:
+    first = build(make_config("a"), settings, featurizer=featurizer)
+    build(make_config("b"), settings, featurizer=featurizer)
+    second = refinalize(settings, "a", damping=0.5)
+    assert first is not None and second > first
+    used_rows = max(example_ids(settings))
+    with Session(connect(settings)) as session:
+        a = current_version(session=session, name="a")
+        b = current_version(session=session, name="b")
+        assert (a.number, b.number) == (2, 1)  # per index, whatever the global ids
+        build_ids = set(session.scalars(select(IndexVersion.build_id)))
+    manifest = open_index("a", settings).manifest
+    assert (manifest["number"], manifest["build_id"], manifest["version"]) == \
+        (a.number, a.build_id, a.id)
+    assert len(build_ids) == 3 and all(len(i) == 32 and int(i, 16) >= 0 for i in build_ids)
+    assert index_info(settings, "a")["number"] == 2
+
+    # Deleted and rebuilt: a new index numbered from 1, under ids never handed out before
+    # (a plain SQLite INTEGER PRIMARY KEY would give the freed ones back).
+    delete_index(settings, "a")
+    delete_index(settings, "b")
+    third = build(make_config("a"), settings, featurizer=featurizer)
+    assert third is not None and third > second
+    assert min(example_ids(settings)) > used_rows
+    with Session(connect(settings)) as session:
+        again = current_version(session=session, name="a")
+        assert again.number == 1 and again.build_id not in build_ids
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_finalize_after_refinalize_keeps_its_settings(
+    settings: Settings, featurizer: Featurizer
+) -> None:
+    build(make_config(), settings, featurizer=featurizer)
+    refinalize(settings, "digits", damping=0.3, faiss=FaissConfig(kind="hnsw"))
+    refinalized = open_index("digits", settings).manifest
+    finalize(settings, "digits")  # as `gradindex finalize digits` does
+    manifest = open_index("digits", settings).manifest
+    assert manifest["number"] == 3
+    assert manifest["preconditioner"] == refinalized["preconditioner"]
+    assert manifest["preconditioner"]["damping"] == 0.3
+    assert manifest["faiss"]["kind"] == "hnsw"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_hooks_are_called_at_named_points(settings: Settings, featurizer: Featurizer) -> None:
+    hooks = RecordingHooks()
+    build(make_config(), settings, featurizer=featurizer, hooks=hooks)
+    chunks = -(-300 // 64)
+    windows = -(-300 // 128)
+    assert hooks.calls == [
+        *[("chunk", n) for n in range(1, chunks + 1)],
+        ("finalize", "fitted"),
+        *[("finalize", "rows")] * windows,
+        ("finalize", "faiss"), ("finalize", "before_publish"), ("finalize", "published"),
+    ]
+
+
+def sequence_config(name: str, **kwargs: object) -> BuildConfig:
+    base: dict[str, object] = {"name": name, "task": "tests.factories:SequenceTask",
+                               "compression": CompressionConfig(batch_size=4), "chunk_size": 8}
+    return BuildConfig(**{**base, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_duplicate_ids_are_refused_within_and_across_shards(settings: Settings) -> None:
+    config = CompressionConfig(batch_size=4)
+    task = DuplicateIdsTask({9: 1, 20: 2, 22: 2})
+    with pytest.raises(TaskError, match=r"duplicate ids: 's1' at positions 1, 9; "
+                                        r"'s2' at positions 2, 20, 22\. .*unique"):
+        build(sequence_config("dups"), settings, featurizer=Featurizer(task, config))
+    with pytest.raises(IndexNotFound):
+        open_index("dups", settings)
+
+    # Positions 1 and 5 fall in batches 0 and 1, i.e. in shards 0 and 1 of 2: each shard
+    # stages fine, and finalize refuses before creating a version.
+    across = Featurizer(DuplicateIdsTask({5: 1}), config)
+    for shard in range(2):
+        stage(sequence_config("split", shard=shard, shards=2), settings, featurizer=across)
+    with pytest.raises(TaskError, match=r"duplicate ids: 's1' at positions 1, 5\."):
+        finalize(settings, "split")
+    with Session(connect(settings)) as session:
+        assert session.scalar(select(func.count()).select_from(IndexVersion)) == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize("value,found,advice", [
+    (np.float32(0.5), "numpy.float32", r"float\(\.\.\.\)"),
+    (np.int64(3), "numpy.int64", r"int\(\.\.\.\)"),
+    (np.arange(3), "numpy.ndarray", r"\.tolist\(\)"),
+    (torch.zeros(2), "torch.Tensor", r"\.tolist\(\)"),
+])
+def test_payload_that_is_not_json_names_example_field_and_type(
+    settings: Settings, value: object, found: str, advice: str
+) -> None:
+    task = NumpyPayloadTask(bad=6, field="w", value={"deep": [1.0, value]})
+    with pytest.raises(TaskError, match=rf"example 's6': payload\['w'\]\['deep'\]\[1\] is a "
+                                        rf"{found}, which is not JSON; .*{advice}"):
+        build(sequence_config("np"), settings,
+              featurizer=Featurizer(task, CompressionConfig(batch_size=4)))
+
+
+def test_check_json_refuses_what_json_cannot_hold() -> None:
+    check_json({"a": [1, 2.5, None, True, "x", (1, 2)], "b": {"c": -3}}, example_id="e",
+               field="payload")
+    with pytest.raises(TaskError, match=r"payload\['y'\] is nan, which JSON cannot hold"):
+        check_json({"y": float("nan")}, example_id="e", field="payload")
+    with pytest.raises(TaskError, match=r"meta has the key 3 of type int; .*str\(\.\.\.\)"):
+        check_json({3: "x"}, example_id="e", field="meta")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_generator_task_with_len_reports_totals(settings: Settings) -> None:
+    calls: list[tuple[str, int, int | None]] = []
+    task = StreamedTask(n=24)
+    build(sequence_config("streamed"), settings,
+          featurizer=Featurizer(task, CompressionConfig(batch_size=4)),
+          progress=lambda phase, done, total: calls.append((phase, done, total)))
+    featurize = [c for c in calls if c[0] == "featurize"]
+    assert featurize[0] == ("featurize", 0, 24)  # known before the first example is read
+    assert [c[2] for c in featurize] == [24] * len(featurize)
+    assert featurize[-1] == ("featurize", 24, 24) and len(featurize) >= 4
+
+
+def test_shard_size_counts_whole_batches() -> None:
+    for total in (0, 1, 15, 16, 17, 300):
+        for shards in (1, 2, 3):
+            for shard in range(shards):
+                mine = sum(1 for p in range(total) if (p // 16) % shards == shard)
+                assert shard_size(total, 16, shard, shards) == mine

@@ -1,7 +1,13 @@
-"""Builds as real processes: killed with SIGKILL and resumed, and split into two shards."""
+"""Builds as real processes: killed with SIGKILL and resumed, and split into two shards.
+
+A killable build runs :data:`PAUSED_BUILD` in a subprocess: it passes a
+:class:`~tests.factories.PausingHooks` to ``build``, which stops at the named point and says so
+on stderr; the test then kills it there with SIGKILL.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,12 +21,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gradindex import BuildConfig, CompressionConfig, Settings, build, open_index
-from gradindex.indexer.build import PAUSE_CHUNKS_ENV, PAUSE_FINALIZE_ENV, PAUSED_MARK, finalize
+from gradindex.indexer.build import finalize
 from gradindex.indexer.errors import IndexNotFound
 from gradindex.indexer.staging import Staging
 from gradindex.indexer.store import ExampleRow, IndexVersion, connect
 
-from .conftest import STORE_TASK, STORE_TASK_ARGS
+from .conftest import REPO, STORE_TASK, STORE_TASK_ARGS, storage_env
+from .factories import PAUSED_MARK
 
 BATCH = 16
 CHUNK = 64
@@ -36,13 +43,40 @@ def cli_args(*extra: str) -> list[str]:
     return args + list(extra)
 
 
-def run_cli(data_dir: Path, args: list[str], pause: dict[str, str] | None = None
-            ) -> subprocess.Popen[str]:
+PAUSED_BUILD = """
+import json, sys
+from gradindex import BuildConfig, CompressionConfig, Settings, build
+from tests.factories import PausingHooks
+
+spec = json.loads(sys.argv[1])
+config = BuildConfig(name="digits", task=spec["task"], task_args=spec["task_args"],
+                     compression=CompressionConfig(batch_size=spec["batch"]),
+                     chunk_size=spec["chunk"], window=spec["window"])
+build(config, Settings.from_env(), hooks=PausingHooks(**spec["pause"]))
+"""
+"""The same build as :func:`cli_args`, stopped by the hook object at ``spec["pause"]``."""
+
+
+def env_for(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADINDEX_")}
-    env.update({"GRADINDEX_DATA_DIR": str(data_dir), "COLUMNS": "120", **(pause or {})})
+    return {**env, **storage_env(settings), "COLUMNS": "120"}
+
+
+def run_cli(settings: Settings, args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", "from gradindex.cli import main; main()", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env_for(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_paused(settings: Settings, **pause: object) -> subprocess.Popen[str]:
+    """The build in a subprocess, with hooks that stop it at ``pause``."""
+    spec = {"task": STORE_TASK, "task_args": STORE_TASK_ARGS, "batch": BATCH, "chunk": CHUNK,
+            "window": WINDOW, "pause": pause}
+    return subprocess.Popen(
+        [sys.executable, "-c", PAUSED_BUILD, json.dumps(spec)], cwd=REPO,
+        env=env_for(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -92,14 +126,14 @@ def test_killed_build_resumes_to_the_same_index(tmp_path: Path, uninterrupted: S
     data = tmp_path / "data"
     settings = Settings(data_dir=data)
     # 1. Killed mid-featurize, after its second chunk.
-    kill_when_paused(run_cli(data, cli_args(), {PAUSE_CHUNKS_ENV: "2"}))
+    kill_when_paused(run_paused(settings, after_chunks=2))
     (staging_root,) = (data / "indexes" / "digits" / "staging").iterdir()
     staging = Staging(staging_root)
     assert sorted(staging.positions().tolist()) == list(range(2 * CHUNK))
     assert staging.total() is None
 
     # 2. Resumed, then killed mid-finalize with some SQL rows written.
-    kill_when_paused(run_cli(data, cli_args(), {PAUSE_FINALIZE_ENV: "rows"}))
+    kill_when_paused(run_paused(settings, at="rows"))
     positions = staging.positions()
     assert len(positions) == len(set(positions.tolist())) == 300
     engine = connect(settings)
@@ -109,7 +143,7 @@ def test_killed_build_resumes_to_the_same_index(tmp_path: Path, uninterrupted: S
         assert session.scalar(select(func.count()).select_from(ExampleRow)) == WINDOW
 
     # 3. Resumed to the end: nothing featurized again, nothing stored twice.
-    finish(run_cli(data, cli_args()))
+    finish(run_cli(settings, cli_args()))
     assert len(staging.chunk_dirs()) == -(-300 // CHUNK)
     assert len(staging.positions()) == 300
     with Session(engine) as session:
@@ -129,7 +163,7 @@ def test_two_shards_equal_one_process(tmp_path: Path, uninterrupted: Settings) -
     data = tmp_path / "data"
     settings = Settings(data_dir=data)
     connect(settings)  # create the SQLite schema before two processes race to
-    procs = [run_cli(data, cli_args("--shard", f"{i}/2")) for i in range(2)]
+    procs = [run_cli(settings, cli_args("--shard", f"{i}/2")) for i in range(2)]
     for proc in procs:
         finish(proc)
     (staging_root,) = (data / "indexes" / "digits" / "staging").iterdir()
@@ -144,3 +178,28 @@ def test_two_shards_equal_one_process(tmp_path: Path, uninterrupted: Settings) -
     assert names == ref_names
     # shards take whole batches, so every batch is the one-process build's: identical bits
     np.testing.assert_array_equal(got, ref)
+
+
+def test_kill_between_rename_and_publish_is_recovered(settings: Settings) -> None:
+    """Killed after ``.tmp-v<id>`` became ``v<id>`` but before the publishing commit: the next
+    run publishes a new version under a new id and removes the orphaned folder."""
+    kill_when_paused(run_paused(settings, at="before_publish"))
+    versions = settings.index_dir("digits") / "versions"
+    engine = connect(settings)
+    with Session(engine) as session:
+        (killed,) = session.scalars(select(IndexVersion)).all()
+        assert killed.status == "building" and not killed.current
+        killed_id = killed.id
+        killed_rows = session.scalar(select(func.max(ExampleRow.id)))
+    assert [p.name for p in versions.iterdir()] == [f"v{killed_id}"]
+
+    finish(run_cli(settings, cli_args()))
+    with Session(engine) as session:
+        (version,) = session.scalars(select(IndexVersion)).all()
+        assert version.status == "ready" and version.current
+        assert version.id > killed_id and version.number == 1
+        ids = session.scalars(select(ExampleRow.id)).all()
+    assert len(ids) == 300 and min(ids) > killed_rows  # no id of the killed build comes back
+    assert [p.name for p in versions.iterdir()] == [f"v{version.id}"]
+    index = open_index("digits", settings)
+    assert index.count == 300 and index.manifest["build_id"] == version.build_id

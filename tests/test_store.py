@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import (
+    Engine,
+    column,
+    create_engine,
+    delete,
+    insert,
+    inspect,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gradindex import (
@@ -25,10 +37,12 @@ from gradindex.indexer.build import parse_shard, shard_from_env
 from gradindex.indexer.errors import ConfigError, StorageError
 from gradindex.indexer.store import (
     ExampleRow,
+    begin_version,
     build_faiss,
     connect,
     downgrade,
     exact_topk,
+    insert_examples,
     load_manifest,
     measure_recall,
     save_manifest,
@@ -54,9 +68,25 @@ def empty_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest)
     return Settings(data_dir=tmp_path / "data", database_url=url)
 
 
-def test_migrations_upgrade_from_empty_and_downgrade_one_step(empty_settings: Settings) -> None:
-    from sqlalchemy import create_engine
+def schema(engine: Engine) -> dict[str, object]:
+    """What migration 0003 changes: columns and unique constraints of the index tables, and
+    (SQLite) which of them are AUTOINCREMENT."""
+    inspector = inspect(engine)
+    autoincrement: list[str] = []
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            autoincrement = sorted(conn.scalars(text(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND sql LIKE "
+                "'%AUTOINCREMENT%'")))
+    return {
+        "columns": sorted(c["name"] for c in inspector.get_columns("index_versions")),
+        "unique": sorted(u["name"] or "" for t in ("index_versions", "examples")
+                         for u in inspector.get_unique_constraints(t)),
+        "autoincrement": autoincrement,
+    }
 
+
+def test_migrations_upgrade_from_empty_and_downgrade_one_step(empty_settings: Settings) -> None:
     engine = create_engine(empty_settings.url) if not empty_settings.is_sqlite else None
     if engine is not None:
         assert tables(engine) == []
@@ -64,17 +94,89 @@ def test_migrations_upgrade_from_empty_and_downgrade_one_step(empty_settings: Se
             connect(empty_settings)  # PostgreSQL is never migrated behind the user's back
     upgrade(empty_settings)
     engine = engine or create_engine(empty_settings.url)
+    sqlite = empty_settings.is_sqlite
     try:
         assert set(TABLES) | {"api_keys"} <= set(tables(engine))
-        downgrade(empty_settings)  # one step: the newest revision's table goes, the rest stay
+        head = schema(engine)
+        assert {"number", "build_id"} <= set(head["columns"])  # type: ignore[arg-type]
+        assert head["unique"] == ["uq_examples_version_external", "uq_index_versions_build_id",
+                                  "uq_index_versions_number"]
+        # PostgreSQL's sequences never reuse an id; SQLite needs AUTOINCREMENT for that.
+        assert head["autoincrement"] == (["examples", "index_versions", "indexes"] if sqlite
+                                         else [])
+        downgrade(empty_settings)  # one step: 0003's columns, constraints and AUTOINCREMENT go
+        before = schema(engine)
+        assert not {"number", "build_id"} & set(before["columns"])  # type: ignore[arg-type]
+        assert before["unique"] == [] and before["autoincrement"] == []
+        assert set(TABLES) | {"api_keys"} <= set(tables(engine))
+        downgrade(empty_settings)  # and 0002's table
         assert "api_keys" not in tables(engine) and set(TABLES) <= set(tables(engine))
         downgrade(empty_settings, "base")
         assert not (set(TABLES) | {"api_keys"}) & set(tables(engine))
         upgrade(empty_settings)
         assert set(TABLES) | {"api_keys"} <= set(tables(engine))
+        assert schema(engine) == head
     finally:
         engine.dispose()
         dispose_engines()
+
+
+def test_migration_0003_keeps_existing_rows(empty_settings: Settings) -> None:
+    """An index built before 0003: its versions get numbers and build ids, a duplicated
+    external id is renamed (not dropped: the FAISS ids stay whole), and every row survives the
+    tables' recreation, down and up again."""
+    upgrade(empty_settings, "0002")
+    engine = create_engine(empty_settings.url)
+    indexes = table("indexes", column("id"), column("name"), column("created_at"))
+    versions = table("index_versions", *map(column, (
+        "id", "index_id", "status", "current", "path", "manifest", "count", "created_at")))
+    examples = table("examples", *map(column, (
+        "id", "version_id", "position", "external_id", "payload", "metadata",
+        "self_influence", "deleted")))
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(insert(indexes), [{"id": i, "name": n, "created_at": now}
+                                       for i, n in ((1, "a"), (2, "b"))])
+        conn.execute(insert(versions), [
+            {"id": v, "index_id": i, "status": "ready", "current": c, "path": f"v{v}",
+             "manifest": "{}", "count": 0, "created_at": now}
+            for v, i, c in ((1, 1, False), (2, 2, True), (3, 1, True))])
+        conn.execute(insert(examples), [
+            {"id": r, "version_id": v, "position": r, "external_id": e, "payload": "{}",
+             "metadata": "{}", "self_influence": 0.0, "deleted": False}
+            for r, v, e in ((1, 3, "x"), (2, 3, "x"), (3, 3, "y"), (4, 1, "x"), (5, 2, "x"))])
+    try:
+        upgrade(empty_settings)
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT id, index_id, number, build_id FROM index_versions ORDER BY id")).all()
+            assert [(v, i, n) for v, i, n, _ in rows] == [(1, 1, 1), (2, 2, 1), (3, 1, 2)]
+            assert len({b for *_, b in rows}) == 3 and all(len(b) == 32 for *_, b in rows)
+            assert conn.execute(text(
+                "SELECT id, external_id FROM examples ORDER BY id")).all() == \
+                [(1, "x"), (2, "x#dup2"), (3, "y"), (4, "x"), (5, "x")]
+        downgrade(empty_settings, "0002")
+        upgrade(empty_settings)
+        with engine.begin() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM examples")) == 5
+            # The foreign keys survived the recreation: deleting an index cascades.
+            if empty_settings.is_sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.execute(text("DELETE FROM indexes WHERE name = 'a'"))
+            assert conn.scalar(text("SELECT count(*) FROM examples")) == 1
+    finally:
+        engine.dispose()
+        dispose_engines()
+
+
+def test_one_row_per_external_id_and_version(settings: Settings) -> None:
+    """The database's own last line of defence against duplicated example ids."""
+    engine = connect(settings)
+    version = begin_version(engine=engine, name="dups")
+    records = [{"id": "a", "payload": {}, "meta": {}}] * 2
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        insert_examples(conn=conn, version_id=version.id, start=0, records=records,
+                        self_influence=np.zeros(2))
 
 
 def test_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:

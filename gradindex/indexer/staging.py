@@ -5,11 +5,13 @@ its key, so changed settings never mix with old chunks. Each chunk is a folder w
 temporary name, fsync'ed and renamed, holding ``positions.npy`` (where its examples sit in
 ``task.examples()``), ``raw.npy`` ``[B, dim]``, optionally ``fisher.npy`` ``[B, R, dim]`` and
 ``records.jsonl`` (external id, payload, metadata). The chunks are the record of what is done:
-a build killed at any point loses at most the chunk it was writing.
+a build killed at any point loses at most the chunk it was writing. ``build.json`` holds the
+finalize settings (preconditioner, FAISS, window) last asked for or published.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,15 +25,50 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GradindexError
+from .errors import GradindexError, TaskError
 from .store.files import fsync_dir, fsync_file, write_atomic
 
-__all__ = ["ChunkWriter", "Staging", "StagedWindow"]
+__all__ = ["MAX_NAMED", "ChunkWriter", "StagedWindow", "Staging", "duplicate_error"]
 
 log = logging.getLogger(__name__)
 
 INFO_NAME = "staging.json"
+SETTINGS_NAME = "build.json"
 _CHUNK = re.compile(r"s(\d+)of(\d+)-(\d+)")
+
+MAX_NAMED = 5
+"""How many duplicated ids an error names."""
+
+
+_ID_PREFIX = '{"id": '
+_DECODER = json.JSONDecoder()
+
+
+def _record_id(line: str) -> str:
+    """A staged record's id without parsing its payload: records are written with sorted keys,
+    so the line starts with the id (anything else is parsed whole)."""
+    if line.startswith(_ID_PREFIX):
+        value, _ = _DECODER.raw_decode(line, len(_ID_PREFIX))
+        if isinstance(value, str):
+            return value
+    return str(json.loads(line)["id"])
+
+
+def _id_hash(ext_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(ext_id.encode(), digest_size=8).digest(), "little")
+
+
+def duplicate_error(duplicates: dict[str, list[int]], more: bool, where: str) -> TaskError:
+    """The error for example ids met more than once: the first few, with their positions."""
+    named = "; ".join(
+        f"{ext_id!r} at positions {', '.join(map(str, positions))}"
+        for ext_id, positions in list(duplicates.items())[:MAX_NAMED]
+    )
+    return TaskError(
+        f"the task's examples() yields duplicate ids{' (and more)' if more else ''}: {named}. "
+        "Every example needs its own id (the index looks examples up and deletes them by id): "
+        f"make them unique, delete the staged gradients ({where}) and build again"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,6 +125,26 @@ class Staging:
             raise GradindexError(f"cannot read staging settings {str(path)!r}: {exc}") from exc
         return data
 
+    def save_finalize_settings(self, *, preconditioner: dict[str, Any], faiss: dict[str, Any],
+                               window: int) -> None:
+        """Record the settings a plain ``finalize`` of this staging uses (``build.json``): those
+        of the latest build that staged into it, or of the latest publish from it, whichever
+        came last, so a refinalized damping sticks."""
+        write_atomic(self.root / SETTINGS_NAME, json.dumps({
+            "preconditioner": preconditioner, "faiss": faiss, "window": window,
+        }, sort_keys=True).encode())
+
+    def finalize_settings(self) -> dict[str, Any]:
+        """What :meth:`save_finalize_settings` recorded (empty if nothing was)."""
+        path = self.root / SETTINGS_NAME
+        if not path.exists():
+            return {}
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise GradindexError(f"cannot read build settings {str(path)!r}: {exc}") from exc
+        return data
+
     def exists(self) -> bool:
         return (self.root / INFO_NAME).is_file()
 
@@ -103,6 +160,44 @@ class Staging:
         """Every staged position, chunk by chunk (duplicates included, if any)."""
         parts = [np.load(p / "positions.npy") for p in self.chunk_dirs()]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def ids(self) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """Per chunk: its positions and the external ids of its examples."""
+        for d in self.chunk_dirs():
+            with open(d / "records.jsonl") as fh:
+                ids = [_record_id(line) for line in fh]
+            yield np.load(d / "positions.npy"), ids
+
+    def duplicate_ids(self, limit: int = MAX_NAMED) -> tuple[dict[str, list[int]], bool]:
+        """Ids staged at more than one position, across every shard and run.
+
+        Memory stays at 8 bytes per example: one pass hashes each position's id, duplicated
+        hashes are found by sorting, and a second pass (only when there are any) reads the
+        ids behind them, so a hash collision is never reported.
+
+        Returns:
+            Up to ``limit`` duplicated ids with their positions (in position order), and
+            whether there are more.
+        """
+        total = self.total()
+        size = total if total is not None else int(self.positions().max(initial=-1)) + 1
+        hashes = np.zeros(size, dtype=np.uint64)
+        for positions, ids in self.ids():
+            hashes[positions] = np.fromiter(map(_id_hash, ids), dtype=np.uint64, count=len(ids))
+        ordered = np.sort(hashes)
+        repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+        if not repeated:
+            return {}, False
+        at: dict[int, str] = {}
+        for positions, ids in self.ids():
+            for pos, ext_id in zip(positions.tolist(), ids, strict=True):
+                if int(hashes[pos]) in repeated:
+                    at[pos] = ext_id
+        by_id: dict[str, list[int]] = {}
+        for pos in sorted(at):
+            by_id.setdefault(at[pos], []).append(pos)
+        found = {i: p for i, p in by_id.items() if len(p) > 1}
+        return dict(list(found.items())[:limit]), len(found) > limit
 
     def writer(self, shard: int, shards: int) -> ChunkWriter:
         return ChunkWriter(self, shard, shards)

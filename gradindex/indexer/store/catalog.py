@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +15,7 @@ from sqlalchemy.orm import Session
 from .db import BuildProgress, ExampleRow, IndexRow, IndexVersion, get_index
 
 __all__ = [
+    "NewVersion",
     "begin_version",
     "delete_index_rows",
     "insert_examples",
@@ -27,17 +30,33 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def begin_version(*, engine: Engine, name: str) -> tuple[int, list[str]]:
+@dataclass(frozen=True)
+class NewVersion:
+    """A version row just created in the ``building`` state, and what it replaced."""
+
+    id: int
+    """Global id: owns the FAISS ids of the version's rows, names its folder ``v<id>``."""
+    number: int
+    """The number users see, 1, 2, 3, ... within the index."""
+    build_id: str
+    """32 random hex digits, written into the manifest too."""
+    stale: list[str]
+    """Folders of versions left ``building`` by a killed finalize, now removed from the database."""
+    live: list[str]
+    """Folders of the index's other versions (published or retired): every folder a reader may
+    still open. Any other folder of the index is an orphan."""
+
+
+def begin_version(*, engine: Engine, name: str) -> NewVersion:
     """Create a ``building`` version of index ``name`` (and the index if new).
 
     Versions left ``building`` by a killed finalize are removed with their rows; the caller
-    holds the index's finalize lock, so none of them is still being written.
-
-    Returns:
-        The new version's id, and the folders of the removed stale versions.
+    holds the index's finalize lock, so none of them is still being written. The new version
+    is numbered one past the highest number left, so published versions count 1, 2, 3, ...
+    (a killed build's number goes to the next build, which is the one that gets published).
     """
     with Session(engine) as session, session.begin():
-        index = session.scalar(select(IndexRow).where(IndexRow.name == name))
+        index = session.scalar(select(IndexRow).where(IndexRow.name == name).with_for_update())
         if index is None:
             index = IndexRow(name=name, created_at=_now())
             session.add(index)
@@ -52,13 +71,18 @@ def begin_version(*, engine: Engine, name: str) -> tuple[int, list[str]]:
         if ids:
             session.execute(delete(ExampleRow).where(ExampleRow.version_id.in_(ids)))
             session.execute(delete(IndexVersion).where(IndexVersion.id.in_(ids)))
+        others = session.execute(
+            select(IndexVersion.number, IndexVersion.path).where(IndexVersion.index_id == index.id)
+        ).all()
         version = IndexVersion(
-            index_id=index.id, status="building", current=False, path="", manifest={}, count=0,
-            created_at=_now(),
+            index_id=index.id, number=max((n for n, _ in others), default=0) + 1,
+            build_id=secrets.token_hex(16), status="building", current=False, path="",
+            manifest={}, count=0, created_at=_now(),
         )
         session.add(version)
         session.flush()
-        return version.id, paths
+        return NewVersion(id=version.id, number=version.number, build_id=version.build_id,
+                          stale=paths, live=[p for _, p in others if p])
 
 
 def insert_examples(
@@ -191,6 +215,8 @@ def list_index_rows(*, session: Session) -> list[dict[str, Any]]:
             "name": index.name,
             "created_at": index.created_at,
             "version": None if version is None else version.id,
+            "number": None if version is None else version.number,
+            "build_id": None if version is None else version.build_id,
             "count": 0 if version is None else version.count - deleted,
             "deleted": deleted,
             "manifest": {} if version is None else version.manifest,

@@ -1,9 +1,13 @@
 """The SQL side of an index: SQLAlchemy 2 models, engines and Alembic migrations.
 
-Tables: ``indexes``, ``index_versions`` (manifest, status, current flag), ``examples`` (one row
-per training example of a version; its id is the example's FAISS id), ``build_progress`` and
-``api_keys`` (hashed server keys).
+Tables: ``indexes``, ``index_versions`` (manifest, status, current flag, per-index number and
+build id), ``examples`` (one row per training example of a version; its id is the example's
+FAISS id), ``build_progress`` and ``api_keys`` (hashed server keys).
 The schema itself is owned by the Alembic migrations shipped as ``gradindex.migrations``.
+
+Identities are never reused (DESIGN §3): ids come from PostgreSQL sequences, and on SQLite from
+``AUTOINCREMENT`` tables (a plain ``INTEGER PRIMARY KEY`` hands a freed id out again, so a
+deleted index's ids would come back for the next build).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Float,
     ForeignKey,
     Integer,
     String,
+    UniqueConstraint,
     create_engine,
     event,
     inspect,
@@ -73,6 +79,7 @@ class IndexRow(Base):
     """A named index; its vectors live in versions."""
 
     __tablename__ = "indexes"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
@@ -83,9 +90,20 @@ class IndexVersion(Base):
     """One finalized (or finalizing) build of an index; at most one per index is current."""
 
     __tablename__ = "index_versions"
+    __table_args__ = (
+        UniqueConstraint("index_id", "number", name="uq_index_versions_number"),
+        UniqueConstraint("build_id", name="uq_index_versions_build_id"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    """Global id: owns the FAISS ids of its rows and names its folder ``v<id>``."""
     index_id: Mapped[int] = mapped_column(ForeignKey("indexes.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    """The version number users see: 1, 2, 3, ... within each index, in publishing order."""
+    build_id: Mapped[str] = mapped_column(String(32))
+    """32 random hex digits drawn by each finalize, also written into the manifest, so a reader
+    can tell that a folder's files and these rows come from the same build."""
     status: Mapped[str] = mapped_column(String(16), default="building")
     """``building`` while finalize writes it, ``ready`` once published, ``retired`` after."""
     current: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -101,6 +119,10 @@ class ExampleRow(Base):
     """A training example of one version; ``id`` is its FAISS id."""
 
     __tablename__ = "examples"
+    __table_args__ = (
+        UniqueConstraint("version_id", "external_id", name="uq_examples_version_external"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     version_id: Mapped[int] = mapped_column(
@@ -267,15 +289,41 @@ def _migrate(settings: Settings, engine: Engine | None, direction: str, revision
     engine = engine or _make_engine(settings)
     try:
         cfg = _alembic_config(engine)
-        with engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            getattr(command, direction)(cfg, revision)
+        with engine.connect() as conn:
+            if settings.is_sqlite:
+                _sqlite_foreign_keys(conn, on=False)
+            try:
+                with conn.begin():
+                    cfg.attributes["connection"] = conn
+                    getattr(command, direction)(cfg, revision)
+                    if settings.is_sqlite:
+                        _check_foreign_keys(conn)
+            finally:
+                if settings.is_sqlite:
+                    _sqlite_foreign_keys(conn, on=True)
     except OperationalError as exc:
         raise StorageError(f"cannot reach the database {_safe_url(settings.url)}: {exc}") from exc
     finally:
         if own:
             engine.dispose()
     log.info("database %s: %s to %s", _safe_url(settings.url), direction, revision)
+
+
+def _sqlite_foreign_keys(conn: Connection, *, on: bool) -> None:
+    """Switch SQLite's foreign-key enforcement (only possible outside a transaction).
+
+    Migrations recreate tables (SQLite cannot alter a primary key or add a constraint), and
+    dropping a parent table with enforcement on would cascade-delete every child row.
+    """
+    conn.exec_driver_sql(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+    conn.commit()
+
+
+def _check_foreign_keys(conn: Connection) -> None:
+    """Refuse (and roll back) a migration that left a row pointing at nothing."""
+    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise StorageError(f"a migration broke foreign keys (table, row, parent): {broken[:5]}")
 
 
 def tables(engine: Engine) -> list[str]:

@@ -1,0 +1,427 @@
+"""Staging → a published version: fit the preconditioner, write vectors, rows and FAISS files,
+then publish in one transaction (DESIGN §2).
+
+``finalize`` runs named steps, in order, under the index's finalize lock:
+
+1. :meth:`Finalizer.begin`: a new ``building`` version row (a fresh id, the index's next
+   number, a random build id); folders no version row references (left by a killed finalize)
+   are removed.
+2. :meth:`Finalizer.fit_preconditioner`: one streaming pass over the staged Fisher rows.
+3. :meth:`Finalizer.write_vectors`: a second pass writes preconditioned vectors,
+   self-influence and the SQL rows.
+4. :meth:`Finalizer.write_faiss`: the FAISS index and its relative-influence twin.
+5. :meth:`Finalizer.write_manifest`.
+6. :meth:`Finalizer.publish`: fsync, rename ``.tmp-v<id>`` → ``v<id>``, one transaction
+   makes the version current, and the settings used become those a plain finalize reuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlalchemy.orm import Session
+
+from .build_config import NO_HOOKS, BuildHooks, BuildProgressFn
+from .config import PreconditionerConfig
+from .errors import ConfigError, GradindexError, IndexNotFound
+from .featurize import Block
+from .precondition import FisherAccumulator, Preconditioner, self_influence
+from .settings import Settings, check_name
+from .stage import staging_root
+from .staging import Staging, duplicate_error
+from .store import (
+    FaissConfig,
+    ScaledRows,
+    build_faiss,
+    connect,
+    current_version,
+    file_lock,
+    fsync_dir,
+    fsync_file,
+    insert_examples,
+    latest_staging_key,
+    library_versions,
+    load_manifest,
+    measure_recall,
+    publish_version,
+    relative_scale,
+    save_manifest,
+    write_faiss,
+)
+from .store.catalog import NewVersion, begin_version
+
+__all__ = ["Finalizer", "find_staging", "finalize", "refinalize"]
+
+log = logging.getLogger(__name__)
+
+_VERSION_FOLDER = re.compile(r"(\.tmp-)?v\d+")
+EXACT_RECALL = {"recall_at_10": 1.0, "recall_at_10_reranked": 1.0}
+
+
+def find_staging(settings: Settings, name: str) -> Staging:
+    """The staging folder of the most recent featurize run of index ``name``."""
+    check_name(name)
+    engine = connect(settings)
+    with Session(engine) as session:
+        key = latest_staging_key(session=session, name=name)
+    root = staging_root(settings, name)
+    if key is None or not (root / key).is_dir():
+        candidates = sorted(root.glob("*/staging.json"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise IndexNotFound(
+                f"index {name!r} has nothing staged; run `gradindex build --name {name} ...`"
+            )
+        return Staging(candidates[-1].parent)
+    return Staging(root / key)
+
+
+def _check_fisher(name: str, info: dict[str, Any], pcfg: PreconditionerConfig) -> None:
+    """The Fisher kind (and samples) must be the staged one: its rows are what was staged."""
+    staged_kind = info["fisher"]["kind"]
+    if pcfg.fisher != staged_kind or (
+        staged_kind == "sampled" and pcfg.samples != info["fisher"]["samples"]
+    ):
+        raise ConfigError(
+            f"index {name!r} was staged with the {staged_kind!r} Fisher"
+            + (f" ({info['fisher']['samples']} samples)" if staged_kind == "sampled" else "")
+            + f", not {pcfg.fisher!r}; `refinalize` can change --damping and --shape only. "
+            f"Rebuild with `gradindex build ... --fisher {pcfg.fisher}` for another Fisher."
+        )
+
+
+class Finalizer:
+    """One finalize of one index from one staging folder; its methods are the steps, in order.
+
+    The caller holds the index's finalize lock for the whole run.
+
+    Args:
+        settings: where the data directory and the database are.
+        name: the index.
+        staging: its complete staging folder.
+        preconditioner: Fisher shape and damping (the kind must be the staged one).
+        faiss: FAISS kind and precision.
+        window: examples per step of the passes over staging.
+        progress: the caller's progress callback.
+        hooks: the caller's hooks.
+    """
+
+    def __init__(self, settings: Settings, name: str, staging: Staging, *,
+                 preconditioner: PreconditionerConfig, faiss: FaissConfig, window: int,
+                 progress: BuildProgressFn | None = None, hooks: BuildHooks = NO_HOOKS) -> None:
+        self.settings = settings
+        self.name = name
+        self.staging = staging
+        self.info = staging.info()
+        self.preconditioner = preconditioner
+        self.faiss = faiss
+        self.window = window
+        self.progress = progress
+        self.hooks = hooks
+        self.engine = connect(settings)
+        self.versions = settings.index_dir(name) / "versions"
+        total = staging.total()
+        if total is None or not staging.complete():
+            raise GradindexError(
+                f"index {name!r} is not fully staged ({staging.missing()} examples missing, "
+                "or a shard has not finished); run the remaining `gradindex build --shard` "
+                "commands first"
+            )
+        self.total = total
+        self.dim = int(self.info["layout"]["dim"])
+        self.version: NewVersion | None = None
+        self.tmp = self.versions / ".tmp"
+
+    def _report(self, phase: str, done: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, self.total)
+
+    @property
+    def seed(self) -> int:
+        return int(self.info["compression"]["seed"])
+
+    def check_ids(self) -> None:
+        """Refuse an index whose staged examples share an id (across shards and runs).
+
+        Raises:
+            TaskError: naming the first few duplicated ids and their positions.
+        """
+        duplicates, more = self.staging.duplicate_ids()
+        if duplicates:
+            raise duplicate_error(duplicates, more, str(self.staging.root))
+
+    def begin(self) -> NewVersion:
+        """Create the ``building`` version row and its temporary folder, after removing every
+        folder of this index that no version row references: those of versions left
+        ``building`` by a killed finalize, a killed finalize's ``.tmp-v*`` folder, and a
+        ``v<id>`` folder renamed just before a kill, whose publish never committed."""
+        version = begin_version(engine=self.engine, name=self.name)
+        self.version = version
+        self.versions.mkdir(parents=True, exist_ok=True)
+        live = {Path(p).name for p in version.live}
+        for folder in self.versions.iterdir():
+            if _VERSION_FOLDER.fullmatch(folder.name) and folder.name not in live:
+                log.info("index %r: removing %s, which no version references", self.name,
+                         folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        for path in version.stale:  # a stale version's folder elsewhere (moved data dir)
+            shutil.rmtree(self.settings.data_dir / path, ignore_errors=True)
+        self.tmp = self.versions / f".tmp-v{version.id}"
+        self.tmp.mkdir()
+        return version
+
+    def fit_preconditioner(self, fitted: Preconditioner | None = None) -> Preconditioner:
+        """Pass 1: the damped Fisher over every staged example, in fixed windows of positions
+        (the same sums however the chunks were staged), saved as ``precond.npz``.
+
+        Args:
+            fitted: a preconditioner already fitted on this staging with this shape, to reuse
+                with this damping (no pass).
+        """
+        pcfg = self.preconditioner
+        if fitted is not None and fitted.shape == pcfg.shape:
+            precond = fitted.with_damping(pcfg.damping)
+        else:
+            blocks = [Block(**b) for b in self.info["blocks"]]
+            acc = FisherAccumulator(blocks, pcfg.shape)
+            if acc.ranges:
+                for w in self.staging.windows(self.window):
+                    rows = w.raw if w.fisher is None else w.fisher.reshape(-1, self.dim)
+                    acc.update(torch.from_numpy(rows), w.stop - w.start)
+                    self._report("fisher", w.stop)
+            else:
+                acc.count = self.total
+            precond = acc.finalize(pcfg.damping)
+        precond.save(self.tmp / "precond.npz")
+        self.hooks.in_finalize("fitted")
+        return precond
+
+    def write_vectors(self, precond: Preconditioner) -> tuple[np.ndarray, np.ndarray]:
+        """Pass 2: preconditioned vectors (``vectors.npy``), self-influence and the SQL rows,
+        committed one window at a time.
+
+        Returns:
+            The rows' ids (the FAISS ids) ``[N]`` and self-influence ``[N]``, by position.
+        """
+        assert self.version is not None, "begin() first"
+        groups = int(self.info["layout"]["groups"])
+        vectors = np.lib.format.open_memmap(self.tmp / "vectors.npy", mode="w+",
+                                            dtype=np.float32, shape=(self.total, self.dim))
+        ids = np.zeros(self.total, dtype=np.int64)
+        influence = np.zeros(self.total, dtype=np.float64)
+        for w in self.staging.windows(self.window):
+            raw = torch.from_numpy(w.raw)
+            vec = precond.apply(raw)
+            si = self_influence(raw / groups, vec).numpy()
+            vectors[w.start : w.stop] = vec.numpy()
+            influence[w.start : w.stop] = si
+            with self.engine.begin() as conn:
+                ids[w.start : w.stop] = insert_examples(
+                    conn=conn, version_id=self.version.id, start=w.start, records=w.records,
+                    self_influence=si,
+                )
+            self._report("vectors", w.stop)
+            self.hooks.in_finalize("rows")
+        vectors.flush()
+        del vectors
+        np.save(self.tmp / "ids.npy", ids)
+        np.save(self.tmp / "self_influence.npy", influence)
+        return ids, influence
+
+    def write_faiss(self, ids: np.ndarray, influence: np.ndarray) -> dict[str, Any]:
+        """The FAISS index over the vectors, and a second one over ``v_i / sqrt(self-influence_i)``
+        for relative influence (§1), so its top-k is as exact as the first one's.
+
+        Returns:
+            The manifest's ``faiss`` and ``relative`` entries (with measured recall).
+        """
+        fcfg = self.faiss
+        self._report("faiss", 0)
+        stored = np.load(self.tmp / "vectors.npy", mmap_mode="r")
+        index = build_faiss(fcfg, stored, ids, seed=self.seed)
+        write_faiss(index, self.tmp / "index.faiss")
+        recall = EXACT_RECALL if fcfg.exact else measure_recall(index, fcfg, stored, ids, k=10)
+        del index
+        scale, eps = relative_scale(influence)
+        scaled = ScaledRows(stored, scale)
+        relative = build_faiss(fcfg, scaled, ids, seed=self.seed)
+        write_faiss(relative, self.tmp / "relative.faiss")
+        relative_recall = (
+            EXACT_RECALL if fcfg.exact else measure_recall(relative, fcfg, scaled, ids, k=10)
+        )
+        self._report("faiss", self.total)
+        self.hooks.in_finalize("faiss")
+        return {
+            "faiss": {**fcfg.to_json(), "factory": fcfg.factory(self.total), **recall},
+            "relative": {"file": "relative.faiss", "eps": eps, **relative_recall},
+        }
+
+    def write_manifest(self, precond: Preconditioner, faiss: dict[str, Any]) -> dict[str, Any]:
+        """``manifest.json``: how to rebuild the query side and how this version was made.
+
+        ``version`` is the version's database id (the owner of its FAISS ids), ``number`` the
+        one users see, ``build_id`` what ties the folder to its rows.
+        """
+        assert self.version is not None, "begin() first"
+        info = self.info
+        manifest = {
+            "name": self.name,
+            "version": self.version.id,
+            "number": self.version.number,
+            "build_id": self.version.build_id,
+            "created_at": datetime.now(UTC).isoformat(),
+            "task": info["task"],
+            "compression": info["compression"],
+            "seed": info["compression"]["seed"],
+            "layout": info["layout"],
+            "blocks": info["blocks"],
+            "model_fingerprint": info["model_fingerprint"],
+            "preconditioner": {**self.preconditioner.to_json(), "lambdas": precond.lambdas},
+            **faiss,
+            "count": self.total,
+            "dim": self.dim,
+            "staging_key": self.staging.key,
+            "libraries": library_versions(),
+        }
+        save_manifest(self.tmp, manifest)
+        return manifest
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        """Make the folder durable, rename it to ``v<id>``, then one transaction makes it
+        current; versions beyond retention go. Afterwards this run's settings are those a
+        plain ``finalize`` of the staging reuses (so a refinalized damping sticks)."""
+        assert self.version is not None, "begin() first"
+        for f in self.tmp.iterdir():
+            fsync_file(f)
+        fsync_dir(self.tmp)
+        final = self.versions / f"v{self.version.id}"
+        os.rename(self.tmp, final)
+        fsync_dir(self.versions)
+        self.hooks.in_finalize("before_publish")
+        dropped = publish_version(
+            engine=self.engine, version_id=self.version.id,
+            path=str(final.relative_to(self.settings.data_dir)), manifest=manifest,
+            count=self.total, retain=self.settings.retain_versions,
+        )
+        for path in dropped:
+            shutil.rmtree(self.settings.data_dir / path, ignore_errors=True)
+        self.staging.save_finalize_settings(preconditioner=self.preconditioner.to_json(),
+                                            faiss=self.faiss.to_json(), window=self.window)
+        self.hooks.in_finalize("published")
+
+
+def finalize(
+    settings: Settings,
+    name: str,
+    *,
+    staging: Staging | None = None,
+    preconditioner: PreconditionerConfig | None = None,
+    faiss: FaissConfig | None = None,
+    fitted: Preconditioner | None = None,
+    window: int | None = None,
+    progress: BuildProgressFn | None = None,
+    hooks: BuildHooks | None = None,
+) -> int:
+    """Fit the preconditioner over the staged gradients, write and publish a new version.
+
+    Args:
+        settings: where the data directory and the database are.
+        name: the index.
+        staging: which staged gradients (default: the latest build of ``name``).
+        preconditioner: Fisher settings (default: those last built or published from that
+            staging).
+        faiss: FAISS settings (default: likewise).
+        fitted: a preconditioner fitted on the same staging to reuse (refinalize with another
+            damping), skipping the Fisher pass.
+        window: examples per step (default: likewise).
+        progress: called with ``(phase, done, total)`` for the fisher, vectors, faiss phases.
+        hooks: called at the named points of :data:`~.build_config.FinalizePoint`.
+
+    Returns:
+        The database id of the published version.
+
+    Raises:
+        ConfigError: the Fisher kind is not the staged one.
+        GradindexError: the staging is incomplete, or another finalize of ``name`` runs.
+        TaskError: staged examples share an id.
+    """
+    staging = staging or find_staging(settings, name)
+    info = staging.info()
+    requested = staging.finalize_settings()
+    pcfg = preconditioner or PreconditionerConfig.from_json(requested.get("preconditioner", {}))
+    fcfg = faiss or FaissConfig.from_json(requested.get("faiss", {}))
+    window = window or int(requested.get("window", 4096))
+    _check_fisher(name, info, pcfg)
+    started = time.perf_counter()
+    with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of index {name!r}"):
+        run = Finalizer(settings, name, staging, preconditioner=pcfg, faiss=fcfg, window=window,
+                        progress=progress, hooks=hooks or NO_HOOKS)
+        run.check_ids()
+        version = run.begin()
+        precond = run.fit_preconditioner(fitted)
+        ids, influence = run.write_vectors(precond)
+        manifest = run.write_manifest(precond, run.write_faiss(ids, influence))
+        run.publish(manifest)
+    log.info("index %r version %d (id %d) published: %d vectors of dim %d in %.1fs", name,
+             version.number, version.id, run.total, run.dim, time.perf_counter() - started)
+    return version.id
+
+
+def refinalize(
+    settings: Settings,
+    name: str,
+    *,
+    damping: float | None = None,
+    shape: str | None = None,
+    fisher: str | None = None,
+    faiss: FaissConfig | None = None,
+    progress: BuildProgressFn | None = None,
+    hooks: BuildHooks | None = None,
+) -> int:
+    """Rebuild index ``name`` from its staged gradients with another damping or shape.
+
+    No model pass: the staged raw gradients (and Fisher rows) are reused. The settings it
+    publishes become those a later plain ``finalize`` uses.
+
+    Returns:
+        The database id of the published version.
+
+    Raises:
+        ConfigError: ``fisher`` differs from the staged Fisher kind.
+        GradindexError: the staged gradients were removed.
+    """
+    engine = connect(settings)
+    with Session(engine) as session:
+        version = current_version(session=session, name=name)
+        manifest = load_manifest(settings.data_dir / version.path)
+    staging = Staging(staging_root(settings, name) / manifest["staging_key"])
+    if not staging.exists():
+        raise GradindexError(
+            f"the staged gradients of index {name!r} are gone ({str(staging.root)!r}); "
+            "rebuild it with `gradindex build`"
+        )
+    old = PreconditionerConfig.from_json(manifest["preconditioner"])
+    changes: dict[str, Any] = {}
+    if damping is not None:
+        changes["damping"] = damping
+    if shape is not None:
+        changes["shape"] = shape
+    if fisher is not None:
+        changes["fisher"] = fisher
+    pcfg = replace(old, **changes)
+    fitted = None
+    precond_path = settings.data_dir / version.path / "precond.npz"
+    if pcfg.shape == old.shape and pcfg.fisher == old.fisher and precond_path.exists():
+        fitted = Preconditioner.load(precond_path)
+    fcfg = faiss or FaissConfig.from_json(manifest["faiss"])
+    return finalize(settings, name, staging=staging, preconditioner=pcfg, faiss=fcfg,
+                    fitted=fitted, progress=progress, hooks=hooks)

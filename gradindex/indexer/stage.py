@@ -1,0 +1,389 @@
+"""Featurize → staging: one shard's raw compressed gradients written to disk, chunk by chunk.
+
+``stage`` streams the task's examples, keeps this shard's batches, featurizes each batch (raw
+compressed gradients and, for the ``sampled``/``expected`` Fisher, the Fisher rows) and writes
+them to staging chunks. A killed run loses at most the chunk it was writing: the next run skips
+every staged position. Each example is checked as it is read (plain-JSON payload and metadata,
+an id not seen before in this shard), so a bad task fails before its model pass, naming the
+example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine
+
+from .build_config import NO_HOOKS, BuildConfig, BuildHooks, BuildProgressFn
+from .config import PreconditionerConfig
+from .errors import TaskError
+from .featurize import Featurizer
+from .settings import Settings
+from .staging import MAX_NAMED, ChunkWriter, Staging, duplicate_error
+from .store import connect, file_lock, record_progress
+
+__all__ = [
+    "BatchAccumulator",
+    "ChunkFlusher",
+    "StagedBatch",
+    "check_json",
+    "shard_size",
+    "stage",
+    "staging_root",
+]
+
+log = logging.getLogger(__name__)
+
+def staging_root(settings: Settings, name: str) -> Path:
+    """The folder holding every staging folder of index ``name``."""
+    return settings.index_dir(name) / "staging"
+
+
+def shard_size(total: int, batch_size: int, shard: int, shards: int) -> int:
+    """How many of ``total`` examples shard ``shard``/``shards`` owns (whole batches, round
+    robin: batch b belongs to shard b % shards)."""
+    batches = -(-total // batch_size)
+    size = len(range(shard, batches, shards)) * batch_size
+    if batches and (batches - 1) % shards == shard:  # the last batch may be short
+        size -= batches * batch_size - total
+    return size
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _advice(value: Any) -> str:
+    if getattr(value, "ndim", None) == 0 or isinstance(value, np.generic):
+        return "convert it with float(...), int(...) or bool(...) (or `.item()`)"
+    if hasattr(value, "tolist"):
+        return "convert it with `.tolist()`"
+    return "use str, int, float, bool, None, lists and dicts with string keys only"
+
+
+def check_json(value: Any, *, example_id: str, field: str) -> None:
+    """Check that ``value`` is plain JSON (what the database stores and the server returns).
+
+    Args:
+        value: a payload or metadata value, walked recursively.
+        example_id: the example's id, for the message.
+        field: where ``value`` sits, e.g. ``payload["x"]``, for the message.
+
+    Raises:
+        TaskError: naming the example, the field and the type found, and how to convert it.
+    """
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TaskError(
+                f"example {example_id!r}: {field} is {value}, which JSON cannot hold; use None "
+                "or drop the example"
+            )
+        return
+    if value is None or isinstance(value, str | int):  # bool is an int
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TaskError(
+                    f"example {example_id!r}: {field} has the key {key!r} of type "
+                    f"{_type_name(key)}; JSON object keys are strings: convert it with str(...)"
+                )
+            check_json(item, example_id=example_id, field=f"{field}[{key!r}]")
+        return
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_json(item, example_id=example_id, field=f"{field}[{i}]")
+        return
+    raise TaskError(
+        f"example {example_id!r}: {field} is a {_type_name(value)}, which is not JSON; "
+        f"{_advice(value)} in the task's examples()"
+        + (" and metadata()" if field.startswith("meta") else "")
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """Featurized examples, ready to be written into a chunk."""
+
+    positions: list[int]
+    """Where each example sits in ``task.examples()``."""
+    raw: np.ndarray
+    """``[B, dim]`` raw compressed gradients."""
+    records: list[dict[str, Any]]
+    """Per example ``{"id", "payload", "meta"}``."""
+    fisher: np.ndarray | None
+    """``[B, R, dim]`` Fisher rows, for the ``sampled``/``expected`` Fisher."""
+
+
+class BatchAccumulator:
+    """Collects a shard's examples into batches of ``batch_size`` and featurizes each one.
+
+    Args:
+        featurizer: computes the raw gradients (and Fisher rows) of a batch of payloads.
+        preconditioner: which Fisher rows to stage (none for ``empirical``: the raw gradients
+            are its rows).
+    """
+
+    def __init__(self, featurizer: Featurizer, preconditioner: PreconditionerConfig) -> None:
+        self.featurizer = featurizer
+        self.preconditioner = preconditioner
+        self.batch_size = featurizer.config.batch_size
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+
+    def add(self, position: int, record: dict[str, Any]) -> StagedBatch | None:
+        """Queue one example; returns the featurized batch once it is full."""
+        self.pending.append((position, record))
+        return self.drain() if len(self.pending) == self.batch_size else None
+
+    def drain(self) -> StagedBatch | None:
+        """Featurize what is queued (a short last batch), if anything."""
+        if not self.pending:
+            return None
+        payloads = [rec["payload"] for _, rec in self.pending]
+        raw = self.featurizer.raw(payloads).numpy()
+        fisher = None
+        pcfg = self.preconditioner
+        if pcfg.fisher != "empirical":
+            rows = self.featurizer.fisher(payloads, pcfg.fisher, pcfg.samples).numpy()
+            r = rows.shape[0] // len(payloads)
+            fisher = rows.reshape(r, len(payloads), -1).transpose(1, 0, 2)
+        batch = StagedBatch([pos for pos, _ in self.pending], raw,
+                            [rec for _, rec in self.pending], fisher)
+        self.pending = []
+        return batch
+
+
+class ChunkFlusher:
+    """Holds featurized batches until they add up to a chunk, then writes it durably.
+
+    Args:
+        writer: this shard's chunk writer.
+        per_chunk: examples per chunk (whole batches).
+        on_chunk: called after each durable chunk with (chunks written by this run, examples
+            written by this run).
+    """
+
+    def __init__(self, writer: ChunkWriter, per_chunk: int,
+                 on_chunk: Callable[[int, int], None]) -> None:
+        self.writer = writer
+        self.per_chunk = per_chunk
+        self.on_chunk = on_chunk
+        self.batches: list[StagedBatch] = []
+        self.chunks = 0
+        self.written = 0
+
+    def add(self, batch: StagedBatch) -> None:
+        """Hold ``batch``; write the chunk once a chunk's worth is held."""
+        self.batches.append(batch)
+        if sum(len(b.positions) for b in self.batches) >= self.per_chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is held (the last, shorter chunk at the end of a run) as one chunk."""
+        if not self.batches:
+            return
+        parts = self.batches
+        fisher = None
+        if parts[0].fisher is not None:
+            fisher = np.concatenate([b.fisher for b in parts if b.fisher is not None])
+        self.writer.write(
+            [p for b in parts for p in b.positions], np.concatenate([b.raw for b in parts]),
+            [r for b in parts for r in b.records], fisher,
+        )
+        self.batches = []
+        self.chunks += 1
+        self.written += sum(len(b.positions) for b in parts)
+        self.on_chunk(self.chunks, self.written)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> Staging:
+    """The staging folder of these settings (created, or checked to match), with the build's
+    requested finalize settings recorded in its ``build.json``."""
+    pcfg = config.preconditioner
+    info = {
+        "task": config.task_spec.to_json(),
+        "compression": feat.config.to_json(),
+        "fisher": {"kind": pcfg.fisher, "samples": pcfg.samples if pcfg.fisher == "sampled"
+                   else None},
+        "model_fingerprint": feat.fingerprint(),
+        "layout": feat.describe(),
+        "blocks": [vars(b) for b in feat.blocks],
+    }
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    staging = Staging(staging_root(settings, config.name) / key)
+    staging.init(info)
+    staging.save_finalize_settings(preconditioner=pcfg.to_json(), faiss=config.faiss.to_json(),
+                                   window=config.window)
+    return staging
+
+
+class _ShardRun:
+    """One run of ``stage`` for one shard: which positions it owns, what it reports.
+
+    Args:
+        config: the build (its name and shard).
+        engine: the database of the progress rows.
+        staging: the staging folder; positions staged there by earlier runs are skipped.
+        batch_size: the featurizer's batch size (shards own whole batches).
+        progress: the caller's progress callback.
+        hooks: the caller's hooks.
+    """
+
+    def __init__(self, config: BuildConfig, engine: Engine, staging: Staging, batch_size: int,
+                 progress: BuildProgressFn | None, hooks: BuildHooks) -> None:
+        self.config = config
+        self.engine = engine
+        self.staging = staging
+        self.batch_size = batch_size
+        self.progress = progress
+        self.hooks = hooks
+        self.done: set[int] = set()
+        self.done = {p for p in staging.positions().tolist() if self.owns(p)}
+        self.staged = len(self.done)
+        self.total: int | None = None
+        self.seen: dict[str, int] = {}
+        """This run's ids of this shard → their positions."""
+
+    def owns(self, position: int) -> bool:
+        """Whether ``position`` belongs to this shard (whole batches, round robin)."""
+        return (position // self.batch_size) % self.config.shards == self.config.shard
+
+    def mine(self, position: int) -> bool:
+        """Whether this run featurizes ``position``: this shard's, and not staged yet."""
+        return self.owns(position) and position not in self.done
+
+    def set_total(self, examples: int | None) -> None:
+        """How many examples the task has, when known: sizes this shard's progress."""
+        self.total = None if examples is None else shard_size(
+            examples, self.batch_size, self.config.shard, self.config.shards)
+
+    def report(self, status: str) -> None:
+        """The progress row (informational) and the caller's progress callback."""
+        record_progress(engine=self.engine, name=self.config.name, key=self.staging.key,
+                        shard=self.config.shard, shards=self.config.shards, done=self.staged,
+                        total=self.total, status=status)
+        if self.progress is not None:
+            self.progress("featurize", self.staged, self.total)
+
+    def on_chunk(self, chunks: int, written: int) -> None:
+        """After each durable chunk: progress, then the hook (a kill there loses nothing)."""
+        self.staged = len(self.done) + written
+        self.report("featurizing")
+        self.hooks.after_chunk(chunks)
+
+    def record(self, feat: Featurizer, position: int, ext_id: Any, payload: Any,
+               rest: Iterator[tuple[int, tuple[Any, Any]]]) -> dict[str, Any]:
+        """The staged record of one example, checked to be plain JSON with a new id.
+
+        Raises:
+            TaskError: the payload or metadata is not JSON, or the id was seen before (then
+                ``rest`` of the stream is scanned, ids only, to name the first few).
+        """
+        key = str(ext_id)
+        meta = feat.task.metadata(payload)
+        check_json(payload, example_id=key, field="payload")
+        check_json(meta, example_id=key, field="meta")
+        if key in self.seen:
+            raise self._duplicates(key, position, rest)
+        self.seen[key] = position
+        return {"id": key, "payload": payload, "meta": meta}
+
+    def _duplicates(self, key: str, position: int,
+                    rest: Iterator[tuple[int, tuple[Any, Any]]]) -> TaskError:
+        found = {key: [self.seen[key], position]}
+        more = False
+        for pos, (other, _) in rest:
+            if not self.mine(pos):
+                continue
+            other = str(other)
+            if other in found:
+                found[other].append(pos)
+            elif other not in self.seen:
+                self.seen[other] = pos
+            elif len(found) == MAX_NAMED:
+                more = True
+                break
+            else:
+                found[other] = [self.seen[other], pos]
+        return duplicate_error(found, more, str(self.staging.root))
+
+
+def stage(
+    config: BuildConfig,
+    settings: Settings,
+    *,
+    progress: BuildProgressFn | None = None,
+    featurizer: Featurizer | None = None,
+    hooks: BuildHooks | None = None,
+) -> Staging:
+    """Featurize this shard's examples that are not staged yet.
+
+    Args:
+        config: what to index, how, and which shard.
+        settings: where the data directory and the database are.
+        progress: called with ``("featurize", done, total)``; ``total`` is known up front when
+            the task has ``__len__`` or a sized ``examples()``.
+        featurizer: a featurizer of ``config``'s task to reuse (default: load the task).
+        hooks: called after each durable chunk (default: none).
+
+    Returns:
+        The staging folder (complete once every shard has run).
+
+    Raises:
+        TaskError: an example's payload or metadata is not plain JSON, or this shard meets an
+            id twice.
+    """
+    engine = connect(settings)
+    feat = featurizer or Featurizer(config.task_spec.load(), config.compression)
+    staging = _open_staging(config, settings, feat)
+    shard, shards = config.shard, config.shards
+    lock = staging.shards_dir / f"s{shard}of{shards}.lock"
+    start = time.perf_counter()
+    with file_lock(lock, f"featurize of index {config.name!r} shard {shard}/{shards}"):
+        run = _ShardRun(config, engine, staging, feat.config.batch_size, progress,
+                        hooks or NO_HOOKS)
+        examples = feat.task.examples()
+        run.set_total(staging.total() or feat.task.count(examples))
+        batches = BatchAccumulator(feat, config.preconditioner)
+        per_chunk = -(-config.chunk_size // run.batch_size) * run.batch_size
+        flusher = ChunkFlusher(staging.writer(shard, shards), per_chunk, run.on_chunk)
+        run.report("featurizing")
+        count = 0
+        stream = enumerate(examples)
+        for pos, (ext_id, payload) in stream:
+            count = pos + 1
+            if run.mine(pos):
+                batch = batches.add(pos, run.record(feat, pos, ext_id, payload, stream))
+                if batch is not None:
+                    flusher.add(batch)
+        last = batches.drain()
+        if last is not None:
+            flusher.add(last)
+        flusher.flush()
+        staging.mark_shard_done(shard, shards, count)
+        run.set_total(count)
+        run.report("staged")
+    log.info("index %r shard %d/%d: %d examples staged in %s (%.1fs)", config.name, shard,
+             shards, run.staged, staging.root, time.perf_counter() - start)
+    return staging
