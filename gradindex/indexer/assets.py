@@ -18,13 +18,14 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import TaskError
 from .store.files import fsync_dir
 
-__all__ = ["record_task", "resolve_task", "task_files"]
+__all__ = ["record_task", "resolve_task", "task_files", "task_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,21 @@ def _store(data_dir: Path, digest: str, files: Mapping[str, Path]) -> str:
 def task_files(path: Path) -> dict[str, Path]:
     """A task file and the modules beside it (in its folder or below) that importing it loaded.
 
-    Call after the task class was imported: ``sys.modules`` then says what it pulled in.
+    Call after the task class was imported: ``sys.modules`` then says what it pulled in. A
+    module counts when it was found through the task's folder (its dotted name is its path
+    below the folder) and is not part of an installed distribution.
     """
     folder = path.parent
+    installed = set(metadata.packages_distributions())
     found = {path.name: path}
-    for module in list(sys.modules.values()):
+    for name, module in list(sys.modules.items()):
         source = getattr(module, "__file__", None)
-        if not source:
+        if not source or name.split(".")[0] in installed:
             continue
         src = Path(source).resolve()
-        if src.suffix == ".py" and src.is_relative_to(folder) and "site-packages" not in src.parts:
+        parts = name.split(".")
+        if src in (folder.joinpath(*parts).with_suffix(".py"),
+                   folder.joinpath(*parts, "__init__.py")):
             found[src.relative_to(folder).as_posix()] = src
     return dict(sorted(found.items()))
 
@@ -201,3 +207,14 @@ def resolve_task(record: Mapping[str, Any], data_dir: Path) -> tuple[str, dict[s
         args[key] = str(path)
     return spec, args
 
+
+
+def task_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What a recorded task's vectors depend on: its code and files by content, its other
+    arguments by value; not the paths they were copied from."""
+    source = {k: v for k, v in record["source"].items() if k != "original"}
+    assets = record.get("assets") or {}
+    return {"source": source,
+            "assets": {key: asset["sha256"] if "sha256" in asset else asset["asset"]
+                       for key, asset in assets.items()},
+            "args": {k: v for k, v in (record.get("args") or {}).items() if k not in assets}}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Engine
 
+from .assets import task_identity
 from .build_config import NO_HOOKS, BuildConfig, BuildHooks, BuildProgressFn
 from .config import PreconditionerConfig
 from .errors import TaskError
@@ -221,8 +222,9 @@ def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> 
     """The staging folder of these settings (created, or checked to match), with the build's
     requested finalize settings recorded in its ``build.json``."""
     pcfg = config.preconditioner
+    task = config.task_spec.record(settings.data_dir)
     info = {
-        "task": config.task_spec.to_json(),
+        "task": task,
         "compression": feat.config.to_json(),
         "fisher": {"kind": pcfg.fisher, "samples": pcfg.samples if pcfg.fisher == "sampled"
                    else None},
@@ -230,7 +232,10 @@ def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> 
         "layout": feat.describe(),
         "blocks": [vars(b) for b in feat.blocks],
     }
-    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
+    # The key names what the vectors depend on: the task's recorded content, not where its
+    # files happened to be (shards on other machines see other paths).
+    keyed = {**info, "task": task_identity(task)}
+    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
     staging = Staging(staging_root(settings, config.name) / key)
     staging.init(info)
     staging.save_finalize_settings(preconditioner=pcfg.to_json(), faiss=config.faiss.to_json(),
