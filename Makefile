@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
-# Train the digits classifier, index it and serve it on 127.0.0.1:8000 (reuses what is built).
+# Train the digits classifier, index it and serve it (reuses what is built): on 127.0.0.1:8000,
+# or GRADINDEX_HOST/GRADINDEX_PORT, or `make demo HOST=... PORT=...`.
 demo: $(STAMP)
-	$(BIN)/gradindex demo
+	$(BIN)/gradindex demo$(if $(HOST), --host $(HOST))$(if $(PORT), --port $(PORT))
 
 lint: $(STAMP)
 	$(BIN)/ruff check gradindex client tests bench examples

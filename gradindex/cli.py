@@ -1,21 +1,31 @@
-"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, serve, keys,
-db upgrade.
+"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, serve, demo,
+keys, db upgrade.
 
-Errors a user can act on (unknown task, bad shard spec, unreachable database, unknown index)
-are printed as one line, without a traceback, and exit with status 1.
+Start-up stays light: the module imports typer, rich, the settings and the strategy names
+(:mod:`.indexer.registry`) only. Torch, FAISS and the server are imported inside the commands
+that run a model (build, finalize, refinalize, serve, demo), SQLAlchemy inside those that open
+the database, so ``--help``, ``list``, ``info``, ``keys`` and ``db`` never load torch.
+
+Errors a user can act on (an unknown task, a missing weights file, an unreadable file, a bad
+option, a database that is down, an unknown index) are printed as one line, without a
+traceback: exit status 1, or 2 for a command line that does not parse. Any other exception is
+one line naming it, and its traceback with ``gradindex --verbose``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeAlias
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,58 +37,114 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .indexer.admin import delete_index, index_info, list_indexes
-from .indexer.build import (
-    BuildConfig,
-    build,
-    finalize,
-    parse_shard,
-    refinalize,
-    shard_from_env,
-)
-from .indexer.config import CompressionConfig, PreconditionerConfig
-from .indexer.errors import GradindexError
-from .indexer.settings import Settings
-from .indexer.store import (
-    SCOPES,
-    FaissConfig,
-    connect,
-    create_key,
-    downgrade,
-    list_keys,
-    revoke_key,
-    upgrade,
-)
+# typer ships its own copy of click: its exceptions are the ones the commands raise
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from .indexer.config import CompressionConfig, PreconditionerConfig
+from .indexer.errors import ConfigError, GradindexError
+from .indexer.registry import COMPRESSORS, FAISS_KINDS, FISHER_KINDS, SHAPES
+
+if TYPE_CHECKING:
+    from gradindex.server import ServerSettings
+
+    from .indexer.settings import Settings
+
+    Compressor: TypeAlias = str
+    Shape: TypeAlias = str
+    Fisher: TypeAlias = str
+    FaissKind: TypeAlias = str
+else:  # typer offers a Literal's values as the option's choices
+    Compressor = Literal[tuple(COMPRESSORS)]
+    Shape = Literal[tuple(SHAPES)]
+    Fisher = Literal[FISHER_KINDS]
+    FaissKind = Literal[FAISS_KINDS]
+
+__all__ = ["app", "check_listen", "demo_settings", "demo_url", "main", "parse_task_args"]
+
+DEFAULT_FAISS = "flat"
+"""``FaissConfig().kind`` (the store loads SQLAlchemy, so it is not imported for the default)."""
+DEFAULT_CHUNK_SIZE = 1024
+"""``BuildConfig.chunk_size`` (the build module loads torch)."""
+DEFAULT_WINDOW = 4096
+"""``BuildConfig.window``."""
+VERBOSE_HINT = "`gradindex --verbose ...` shows the traceback"
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` as one error line and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _os_message(exc: OSError) -> str:
+    """``Permission denied: '/data/x'`` rather than ``[Errno 13] Permission denied: ...``."""
+    what = exc.strerror or str(exc)
+    return f"{what}: {str(exc.filename)!r}" if exc.filename is not None else what
+
+
+class _Commands(TyperGroup):
+    """The command tree; it turns every error into one line (see the module docstring)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except NoArgsIsHelpError:
+            raise
+        except ClickException as exc:
+            _usage_error(exc)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, NoArgsIsHelpError):
+            raise
+        except ClickException as exc:
+            _usage_error(exc)
+        except GradindexError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(_os_message(exc))
+        except Exception as exc:
+            if ctx.find_root().params.get("verbose"):
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {exc} ({VERBOSE_HINT})")
+
+
+def _usage_error(exc: ClickException) -> NoReturn:
+    message = exc.format_message().replace("Value error, ", "").rstrip(".")
+    command = getattr(getattr(exc, "ctx", None), "command_path", None)
+    hint = f" (`{command} --help` lists the options)" if command else ""
+    _fail(message + hint, code=exc.exit_code)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True,
+                  rich_markup_mode=None, pretty_exceptions_show_locals=False,
+                  context_settings={"max_content_width": 120},  # a wide terminal: no wraps
                   help="gradindex: a persistent gradient index for training-data attribution.")
-db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
+db_app = typer.Typer(cls=_Commands, no_args_is_help=True, rich_markup_mode=None,
+                     help="Database schema migrations.")
 app.add_typer(db_app, name="db")
-keys_app = typer.Typer(no_args_is_help=True, help="API keys of the server.")
+keys_app = typer.Typer(cls=_Commands, no_args_is_help=True, rich_markup_mode=None,
+                       help="API keys of the server.")
 app.add_typer(keys_app, name="keys")
 
 _C = CompressionConfig()  # the build options' defaults are the library's, in one place
 _P = PreconditionerConfig()
 
-err = Console(stderr=True)
-out = Console()
-T = TypeVar("T")
+
+def _settings() -> Settings:
+    """The storage settings from ``GRADINDEX_*`` (pydantic loads with them, not at start-up)."""
+    from .indexer.settings import Settings
+
+    return Settings.from_env()
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(1)
-
-
-def _run(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except GradindexError as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
-
-
-def parse_task_args(items: list[str]) -> dict[str, Any]:
+def parse_task_args(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; a value is JSON when it parses as JSON, else a string."""
     args: dict[str, Any] = {}
     for item in items:
@@ -100,21 +166,28 @@ def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
         TimeRemainingColumn(),
     )
     tasks: dict[str, TaskID] = {}
-    with Progress(*columns, console=err, transient=False) as bar:
+    bar = Progress(*columns, console=err, transient=False)
 
-        def update(phase: str, done: int, total: int | None) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total, rate="")
-            task_id = tasks[phase]
-            bar.update(task_id, completed=done, total=total)
-            speed = bar.tasks[task_id].speed
-            bar.update(task_id, rate=f"{speed:,.0f} ex/s" if speed else "")
+    def update(phase: str, done: int, total: int | None) -> None:
+        if not tasks:  # shown from the first update on: an early error stays one line
+            bar.start()
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, rate="")
+        task_id = tasks[phase]
+        bar.update(task_id, completed=done, total=total)
+        speed = bar.tasks[task_id].speed
+        bar.update(task_id, rate=f"{speed:,.0f} ex/s" if speed else "")
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False
+def _main(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Debug logs, and the traceback of an unexpected error.")] = False
           ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
@@ -128,44 +201,49 @@ def build_cmd(
     task: Annotated[str, typer.Option(help="Task spec: package.module:Name or file.py:Name.")],
     name: Annotated[str, typer.Option(help="Index name.")],
     task_arg: Annotated[list[str] | None, typer.Option(
-        help="Task constructor argument KEY=VALUE (JSON when it parses); repeatable.")] = None,
-    compressor: Annotated[str, typer.Option(help="Compressor.")] = _C.compressor,
-    keep: Annotated[float | None, typer.Option(help="Fraction of coordinates kept.")] = None,
-    dim: Annotated[int, typer.Option(
-        help="Compressed size per mask (when --keep unset).")] = _C.dim or 4096,
+        metavar="KEY=VALUE", show_default="none",
+        help="Task constructor argument (JSON when it parses); repeatable.")] = None,
+    compressor: Annotated[Compressor, typer.Option(help="Compressor.")] = _C.compressor,
+    keep: Annotated[float | None, typer.Option(
+        show_default="unset: --dim decides", help="Fraction of coordinates kept.")] = None,
+    dim: Annotated[int | None, typer.Option(
+        help="Compressed size per mask (when --keep is unset).")] = _C.dim,
     masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = _C.masks,
     seed: Annotated[int, typer.Option(help="Seed of every mask.")] = _C.seed,
-    fisher: Annotated[str, typer.Option(help="empirical | sampled | expected.")] = _P.fisher,
+    fisher: Annotated[Fisher, typer.Option(help="Which gradients estimate the Fisher.")
+                      ] = _P.fisher,
     samples: Annotated[int, typer.Option(
         help="Targets per example (sampled Fisher).")] = _P.samples,
-    shape: Annotated[str, typer.Option(help="block | full | identity.")] = _P.shape,
+    shape: Annotated[Shape, typer.Option(help="Preconditioner shape.")] = _P.shape,
     damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = _P.damping,
     batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = _C.batch_size,
-    chunk_size: Annotated[int, typer.Option(help="Examples per staging chunk.")] = 1024,
-    window: Annotated[int, typer.Option(help="Examples per finalize step.")] = 4096,
-    faiss: Annotated[str, typer.Option(help="flat | hnsw | ivf.")] = "flat",
-    fp16: Annotated[bool, typer.Option(help="Store FAISS codes as float16.")] = False,
+    chunk_size: Annotated[int, typer.Option(
+        help="Examples per staging chunk.")] = DEFAULT_CHUNK_SIZE,
+    window: Annotated[int, typer.Option(help="Examples per finalize step.")] = DEFAULT_WINDOW,
+    faiss: Annotated[FaissKind, typer.Option(help="FAISS index.")] = DEFAULT_FAISS,
+    fp16: Annotated[bool, typer.Option(
+        "--fp16/--no-fp16", help="Store FAISS codes as float16.")] = False,
     shard: Annotated[str | None, typer.Option(
-        help="i/n: stage only shard i of n (default: RANK/WORLD_SIZE under torchrun).")] = None,
+        metavar="i/n", show_default="RANK/WORLD_SIZE under torchrun, else 0/1",
+        help="Stage only shard i of n.")] = None,
 ) -> None:
     """Featurize a task's training examples and publish them as an index (resumable)."""
+    from .indexer.build import BuildConfig, build, parse_shard, shard_from_env
+    from .indexer.store import FaissConfig
 
-    def make() -> BuildConfig:
-        i, n = parse_shard(shard) if shard is not None else (shard_from_env() or (0, 1))
-        return BuildConfig(
-            name=name, task=task, task_args=parse_task_args(task_arg or []),
-            compression=CompressionConfig(compressor=compressor, keep=keep, dim=dim,
-                                          masks=masks, seed=seed, batch_size=batch_size),
-            preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
-                                                damping=damping),
-            faiss=FaissConfig(kind=faiss, fp16=fp16), shard=i, shards=n,
-            chunk_size=chunk_size, window=window,
-        )
-
-    config = _run(make)
-    settings = Settings.from_env()
+    i, n = parse_shard(shard) if shard is not None else (shard_from_env() or (0, 1))
+    config = BuildConfig(
+        name=name, task=task, task_args=parse_task_args(task_arg or []),
+        compression=CompressionConfig(compressor=compressor, keep=keep, dim=dim,
+                                      masks=masks, seed=seed, batch_size=batch_size),
+        preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
+                                            damping=damping),
+        faiss=FaissConfig(kind=faiss, fp16=fp16), shard=i, shards=n,
+        chunk_size=chunk_size, window=window,
+    )
+    settings = _settings()
     with _progress() as progress:
-        version = _run(lambda: build(config, settings, progress=progress))
+        version = build(config, settings, progress=progress)
     if version is None:
         err.print(f"shard {config.shard}/{config.shards} of {name!r} staged; when every shard "
                   f"is, run `gradindex finalize {name}`")
@@ -176,42 +254,52 @@ def build_cmd(
 @app.command("finalize")
 def finalize_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """Merge every staged shard of an index, fit the preconditioner and publish."""
-    settings = Settings.from_env()
+    from .indexer.build import finalize
+
+    settings = _settings()
     with _progress() as progress:
-        version = _run(lambda: finalize(settings, name, progress=progress))
+        version = finalize(settings, name, progress=progress)
     err.print(f"index {name!r} version {version} published")
 
 
 @app.command("refinalize")
 def refinalize_cmd(
     name: Annotated[str, typer.Argument(help="Index name.")],
-    damping: Annotated[float | None, typer.Option(help="New damping.")] = None,
-    shape: Annotated[str | None, typer.Option(help="New preconditioner shape.")] = None,
-    fisher: Annotated[str | None, typer.Option(help="Must equal the staged Fisher.")] = None,
-    faiss: Annotated[str | None, typer.Option(help="New FAISS kind.")] = None,
-    fp16: Annotated[bool | None, typer.Option(help="FAISS codes as float16.")] = None,
+    damping: Annotated[float | None, typer.Option(
+        show_default="the index's", help="New damping.")] = None,
+    shape: Annotated[Shape | None, typer.Option(
+        show_default="the index's", help="New preconditioner shape.")] = None,
+    fisher: Annotated[Fisher | None, typer.Option(
+        show_default="the index's", help="Must equal the staged Fisher.")] = None,
+    faiss: Annotated[FaissKind | None, typer.Option(
+        show_default="the index's", help="New FAISS index.")] = None,
+    fp16: Annotated[bool | None, typer.Option(
+        "--fp16/--no-fp16", show_default="the index's", help="FAISS codes as float16.")
+                    ] = None,
 ) -> None:
     """Rebuild an index from its staged gradients (no model pass)."""
-    settings = Settings.from_env()
+    from .indexer.admin import index_info
+    from .indexer.build import refinalize
+    from .indexer.store import FaissConfig
 
-    def run() -> int:
-        fcfg = None
-        if faiss is not None or fp16 is not None:
-            current = index_info(settings, name)["manifest"].get("faiss", {})
-            fcfg = FaissConfig.from_json({**current, **({"kind": faiss} if faiss else {}),
-                                          **({"fp16": fp16} if fp16 is not None else {})})
-        return refinalize(settings, name, damping=damping, shape=shape, fisher=fisher,
-                          faiss=fcfg, progress=progress)
-
+    settings = _settings()
+    fcfg = None
+    if faiss is not None or fp16 is not None:
+        current = index_info(settings, name)["manifest"].get("faiss", {})
+        fcfg = FaissConfig.from_json({**current, **({"kind": faiss} if faiss else {}),
+                                      **({"fp16": fp16} if fp16 is not None else {})})
     with _progress() as progress:
-        version = _run(run)
+        version = refinalize(settings, name, damping=damping, shape=shape, fisher=fisher,
+                             faiss=fcfg, progress=progress)
     err.print(f"index {name!r} version {version} published")
 
 
 @app.command("list")
 def list_cmd() -> None:
     """The indexes, their current versions and sizes."""
-    rows = _run(lambda: list_indexes(Settings.from_env()))
+    from .indexer.admin import list_indexes
+
+    rows = list_indexes(_settings())
     table = Table("name", "version", "examples", "dim", "faiss", "preconditioner", "published")
     for row in rows:
         m = row["manifest"]
@@ -229,87 +317,131 @@ def list_cmd() -> None:
 @app.command("info")
 def info_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """An index's manifest and counts, as JSON."""
-    row = _run(lambda: index_info(Settings.from_env(), name))
+    from .indexer.admin import index_info
+
+    row = index_info(_settings(), name)
     out.print_json(json.dumps(row, default=str))
 
 
 @app.command("delete")
 def delete_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """Delete an index: its versions, rows and staged gradients."""
-    _run(lambda: delete_index(Settings.from_env(), name))
+    from .indexer.admin import delete_index
+
+    delete_index(_settings(), name)
     err.print(f"index {name!r} deleted")
 
 
+HostOption = Annotated[str | None, typer.Option(
+    show_default="GRADINDEX_HOST, else 127.0.0.1", help="Address to listen on.")]
+PortOption = Annotated[int | None, typer.Option(
+    show_default="GRADINDEX_PORT, else 8000", help="Port to listen on (0: any free port).")]
+
+
 @app.command("serve")
-def serve_cmd(
-    host: Annotated[str | None, typer.Option(
-        help="Address to listen on [default: GRADINDEX_HOST or 127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(
-        help="Port [default: GRADINDEX_PORT or 8000].")] = None,
-) -> None:
+def serve_cmd(host: HostOption = None, port: PortOption = None) -> None:
     """Serve the indexes over HTTP (settings from GRADINDEX_*; API keys from `keys create`)."""
-    overrides: dict[str, Any] = {}
-    if host is not None:
-        overrides["host"] = host
-    if port is not None:
-        overrides["port"] = port
-    _serve(overrides)
+    from gradindex.server import ServerSettings
+
+    _serve(ServerSettings(**_address(host, port)))
 
 
-def _serve(overrides: dict[str, Any], banner: Callable[[Any], None] | None = None) -> None:
-    """Run the server with ``GRADINDEX_*`` settings and ``overrides``; errors as one line."""
-    from gradindex.server import ServerSettings, run
+def _address(host: str | None, port: int | None) -> dict[str, Any]:
+    """The ``--host``/``--port`` given, as settings overrides (the rest come from the env)."""
+    return {k: v for k, v in (("host", host), ("port", port)) if v is not None}
 
-    settings = _run(lambda: ServerSettings(**overrides))
+
+def check_listen(settings: ServerSettings) -> ServerSettings:
+    """``settings`` with the port the server will get (a free one for port 0), after checking
+    that its address can be listened on, so that no banner shows an address nobody serves.
+
+    Raises:
+        ConfigError: the address is taken or not this machine's.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            settings.host.strip("[]"), settings.port, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            # as uvicorn binds: a port left in TIME_WAIT is free, one in use is not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            port = int(sock.getsockname()[1])
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
+                          f"{exc.strerror or exc}; choose another --port (or GRADINDEX_PORT)"
+                          ) from None
+    return settings if port == settings.port else settings.model_copy(update={"port": port})
+
+
+def _serve(settings: ServerSettings, banner: Callable[[ServerSettings], None] | None = None
+           ) -> None:
+    """Check the address, show ``banner`` for it, then serve until interrupted."""
+    from gradindex.server import run
+
+    settings = check_listen(settings)
     logging.getLogger("server").setLevel(logging.INFO)
     if banner is not None:
         banner(settings)
-    _run(lambda: run(settings))
+    run(settings)
+
+
+def demo_settings(*, host: str | None = None, port: int | None = None) -> ServerSettings:
+    """The demo server's settings: ``--host``/``--port`` when given, else ``GRADINDEX_HOST``
+    and ``GRADINDEX_PORT``, else 127.0.0.1:8000. On loopback the demo serves without API keys
+    unless ``GRADINDEX_AUTH`` says otherwise.
+    """
+    from gradindex.server import ServerSettings
+    from gradindex.server.settings import is_loopback
+
+    overrides = _address(host, port)
+    settings = ServerSettings(**overrides)
+    if "GRADINDEX_AUTH" not in os.environ and is_loopback(settings.host):
+        settings = ServerSettings(**overrides, auth="off")
+    return settings
+
+
+def demo_url(settings: ServerSettings) -> str:
+    """The address a browser on this machine opens for a server with ``settings``."""
+    shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{settings.port}"
 
 
 @app.command("demo")
 def demo_cmd(
     build_only: Annotated[bool, typer.Option(
         "--build-only", help="Train and index, then exit without serving.")] = False,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: HostOption = None,
+    port: PortOption = None,
 ) -> None:
     """Train the digits classifier, index it and serve it; a second run reuses what is built.
 
     On loopback the demo serves without API keys unless GRADINDEX_AUTH=on is set.
     """
-    import os
-
     from .indexer.demo import prepare_demo
 
-    settings = Settings.from_env()
+    server = None if build_only else demo_settings(host=host, port=port)  # fails before training
+    settings = _settings()
     with _progress() as update:
-        built = _run(lambda: prepare_demo(settings, progress=update))
+        built = prepare_demo(settings, progress=update)
     err.print(f"index 'digits' {'built' if built else 'already built; reused'} in "
               f"{settings.data_dir}", highlight=False)
-    if build_only:
-        return
-    overrides: dict[str, Any] = {"host": host, "port": port,
-                                 "data_dir": settings.data_dir,
-                                 "database_url": settings.database_url}
-    if "GRADINDEX_AUTH" not in os.environ:
-        overrides["auth"] = "off"
+    if server is not None:
+        _serve(server, _demo_banner)
 
-    def banner(server_settings: Any) -> None:
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        url = f"http://{shown}:{port}"
-        header = ("" if not server_settings.auth_required
-                  else " -H 'Authorization: Bearer <key from gradindex keys create>'")
-        payload = json.dumps({"examples": [_first_test_digit()], "k": 5,
-                              "direction": "both"})
-        out.print(f"\n[bold]gradindex demo[/] is at [link={url}]{url}[/]\n", highlight=False)
-        out.print("Ask which training digits most helped and hurt a test digit:\n",
-                  highlight=False)
-        out.print(f"curl -s {url}/v1/indexes/digits/influence{header} \\\n"
-                  f"  -H 'Content-Type: application/json' -d '{payload}'\n",
-                  highlight=False, markup=False, soft_wrap=True)
 
-    _serve(overrides, banner)
+def _demo_banner(settings: ServerSettings) -> None:
+    url = demo_url(settings)
+    header = ("" if not settings.auth_required
+              else " -H 'Authorization: Bearer <key from gradindex keys create>'")
+    payload = json.dumps({"examples": [_first_test_digit()], "k": 5, "direction": "both"})
+    out.print(f"\n[bold]gradindex demo[/] is at [link={url}]{url}[/]\n", highlight=False)
+    out.print("Ask which training digits most helped and hurt a test digit:\n", highlight=False)
+    out.print(f"curl -s {url}/v1/indexes/digits/influence{header} \\\n"
+              f"  -H 'Content-Type: application/json' -d '{payload}'\n",
+              highlight=False, markup=False, soft_wrap=True)
 
 
 def _first_test_digit() -> dict[str, Any]:
@@ -321,12 +453,15 @@ def _first_test_digit() -> dict[str, Any]:
 
 @keys_app.command("create")
 def keys_create(
-    scope: Annotated[str, typer.Option(help=f"One of {', '.join(SCOPES)}.")] = "read",
-    name: Annotated[str, typer.Option(help="A label to tell keys apart.")] = "",
+    scope: Annotated[str, typer.Option(
+        help="read (queries and look-ups) or admin (may also delete examples).")] = "read",
+    name: Annotated[str, typer.Option(
+        show_default="none", help="A label to tell keys apart.")] = "",
 ) -> None:
     """Create an API key and print its secret (shown this once only)."""
-    key, secret = _run(lambda: create_key(engine=connect(Settings.from_env()), scope=scope,
-                                          name=name))
+    from .indexer.store import connect, create_key
+
+    key, secret = create_key(engine=connect(_settings()), scope=scope, name=name)
     err.print(f"key {key.id} ({key.scope}{', ' + key.name if key.name else ''}) created; "
               "store its secret now, it is not shown again:")
     out.print(secret, highlight=False, markup=False, soft_wrap=True)
@@ -337,8 +472,9 @@ def keys_list(
     all_keys: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
 ) -> None:
     """The API keys (never their secrets)."""
-    keys = _run(lambda: list_keys(engine=connect(Settings.from_env()),
-                                  include_revoked=all_keys))
+    from .indexer.store import connect, list_keys
+
+    keys = list_keys(engine=connect(_settings()), include_revoked=all_keys)
     table = Table("id", "name", "scope", "prefix", "created", "revoked")
     for k in keys:
         table.add_row(str(k.id), k.name or "-", k.scope, k.prefix + "…",
@@ -349,7 +485,9 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id.")]) -> None:
     """Revoke an API key for good."""
-    key = _run(lambda: revoke_key(engine=connect(Settings.from_env()), key_id=key_id))
+    from .indexer.store import connect, revoke_key
+
+    key = revoke_key(engine=connect(_settings()), key_id=key_id)
     err.print(f"key {key.id} ({key.scope}) revoked")
 
 
@@ -357,7 +495,9 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id.")]) ->
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head"
                ) -> None:
     """Migrate the database schema up (default: to the latest)."""
-    _run(lambda: upgrade(Settings.from_env(), revision))
+    from .indexer.store import upgrade
+
+    upgrade(_settings(), revision)
     err.print(f"database at {revision}")
 
 
@@ -365,7 +505,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "-1"
                  ) -> None:
     """Migrate the database schema down (default: one step)."""
-    _run(lambda: downgrade(Settings.from_env(), revision))
+    from .indexer.store import downgrade
+
+    downgrade(_settings(), revision)
     err.print(f"database at {revision}")
 
 

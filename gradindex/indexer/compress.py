@@ -26,6 +26,7 @@ from torch import nn
 from .config import CompressionConfig
 from .errors import ConfigError, TaskError
 from .masks import mask_generator, sample_indices, split_keep
+from .registry import COMPRESSORS, register_compressor
 
 __all__ = [
     "COMPRESSORS",
@@ -75,15 +76,6 @@ def describe_layers(modules: Mapping[str, nn.Module]) -> list[Layer]:
             numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
             layers.append(Layer(name, 1, numel, False, False))
     return layers
-
-
-COMPRESSORS: dict[str, type[Compressor]] = {}
-
-
-def register_compressor(cls: type[Compressor]) -> type[Compressor]:
-    """Class decorator: make a compressor available under ``cls.name``."""
-    COMPRESSORS[cls.name] = cls
-    return cls
 
 
 class Compressor:

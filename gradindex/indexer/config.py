@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .registry import COMPRESSORS, FISHER_KINDS, SHAPES, check_choice
 
 __all__ = ["CompressionConfig", "PreconditionerConfig"]
 
@@ -74,12 +75,7 @@ class CompressionConfig:
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"`batch_size` must be a positive integer, got {self.batch_size!r}",
         )
-        from .compress import COMPRESSORS  # registry lives with the strategies
-
-        _check(
-            self.compressor in COMPRESSORS,
-            f"`compressor` must be one of {sorted(COMPRESSORS)}, got {self.compressor!r}",
-        )
+        check_choice(self.compressor, COMPRESSORS, "compressor")
 
     def resolve_keep(self, total_params: int) -> float:
         """The keep fraction for a model with ``total_params`` attributed coordinates."""
@@ -118,13 +114,8 @@ class PreconditionerConfig:
     """Reserved for settings of future shapes; stored in the manifest."""
 
     def __post_init__(self) -> None:
-        from .precondition import FISHER_KINDS, SHAPES
-
-        _check(self.shape in SHAPES, f"`shape` must be one of {sorted(SHAPES)}, got {self.shape!r}")
-        _check(
-            self.fisher in FISHER_KINDS,
-            f"`fisher` must be one of {sorted(FISHER_KINDS)}, got {self.fisher!r}",
-        )
+        check_choice(self.shape, SHAPES, "shape")
+        check_choice(self.fisher, FISHER_KINDS, "fisher")
         _check(
             isinstance(self.samples, int) and self.samples >= 1,
             f"`samples` must be a positive integer, got {self.samples!r}",

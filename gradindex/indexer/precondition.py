@@ -15,8 +15,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .errors import ConfigError, GradindexError
+from .errors import GradindexError
 from .featurize import Block
+from .registry import FISHER_KINDS, SHAPES, check_choice, register_shape
 
 __all__ = [
     "FISHER_KINDS",
@@ -27,18 +28,6 @@ __all__ = [
     "register_shape",
     "self_influence",
 ]
-
-FISHER_KINDS = ("empirical", "sampled", "expected")
-"""Which gradients estimate the Fisher; see :meth:`.featurize.Featurizer.fisher`."""
-
-SHAPES: dict[str, type[Shape]] = {}
-
-
-def register_shape(cls: type[Shape]) -> type[Shape]:
-    """Class decorator: make a preconditioner shape available under ``cls.name``."""
-    SHAPES[cls.name] = cls
-    return cls
-
 
 class Shape:
     """How the feature vector is partitioned into independently preconditioned blocks."""
@@ -96,8 +85,7 @@ class FisherAccumulator:
     """
 
     def __init__(self, blocks: Sequence[Block], shape: str) -> None:
-        if shape not in SHAPES:
-            raise ConfigError(f"`shape` must be one of {sorted(SHAPES)}, got {shape!r}")
+        check_choice(shape, SHAPES, "shape")
         self.shape = shape
         self.dim = max((b.stop for b in blocks), default=0)
         self.ranges = SHAPES[shape].partition(blocks)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, GradindexError
+from ..registry import FAISS_KINDS
 from .files import fsync_file
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-FAISS_KINDS = ("flat", "hnsw", "ivf")
 
 
 def _require_faiss() -> Any:
