@@ -1,0 +1,128 @@
+"""The pure searcher against brute force: exact scans, FAISS (exact and approximate, re-ranked),
+include and exclude sets, both directions, and the histogram."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradindex.indexer import search
+from gradindex.indexer.errors import ConfigError, ExampleNotFound
+from gradindex.indexer.search import IdRows, Searcher, as_queries, histogram, relative_vectors
+from gradindex.indexer.store import FaissConfig, build_faiss
+
+N, DIM, Q, K = 500, 24, 6, 10
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((N, DIM)).astype(np.float32)
+    ids = rng.permutation(np.arange(1000, 1000 + 3 * N, 3))  # not in row order on purpose
+    queries = rng.standard_normal((Q, DIM)).astype(np.float32)
+    return vectors, ids.astype(np.int64), queries
+
+
+def brute(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, sign: float,
+          allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = sign * (queries @ vectors.T)
+    scores[:, ~allowed] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return sign * np.take_along_axis(scores, order, axis=1), ids[order]
+
+
+@pytest.mark.parametrize("kind", ["scan", "flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("direction", ["proponents", "opponents"])
+@pytest.mark.parametrize("restrict", ["none", "include", "include-in-faiss", "exclude"])
+def test_top_k_equals_brute_force(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str,
+                                  direction: str, restrict: str) -> None:
+    vectors, ids, queries = data
+    scan_limit = search.EXACT_SCAN_LIMIT
+    if restrict == "include-in-faiss":  # a filter too large to scan: FAISS selects the ids
+        scan_limit, restrict = 0, "include"
+    config = FaissConfig(kind="flat" if kind == "scan" else kind, oversample=8)
+    index = None if kind == "scan" else build_faiss(config, vectors, ids)
+    searcher = Searcher(vectors, IdRows(ids), index=index, config=config,
+                        scan_limit=scan_limit)
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(ids, size=N // 5, replace=False)
+    include = chosen if restrict == "include" else None
+    exclude = chosen if restrict == "exclude" else None
+    allowed = np.isin(ids, chosen) if restrict == "include" else ~np.isin(ids, chosen) \
+        if restrict == "exclude" else np.ones(N, dtype=bool)
+    sign = 1.0 if direction == "proponents" else -1.0
+    scores, got = searcher.top_k(queries, K, direction=direction, include=include,
+                                 exclude=exclude)
+    want_scores, want = brute(vectors, ids, queries, K, sign, allowed)
+    if kind in ("hnsw", "ivf"):  # approximate candidates: most of the true top-k, exact scores
+        recall = np.mean([len(set(g) & set(w)) / K for g, w in zip(got, want, strict=True)])
+        assert recall >= 0.8
+        rows = IdRows(ids).rows(got.reshape(-1)).reshape(got.shape)
+        exact = np.einsum("qd,qkd->qk", queries, vectors[rows])
+        np.testing.assert_allclose(scores, exact, rtol=RTOL, atol=ATOL)
+    else:
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL)
+    assert np.isin(got, ids[allowed]).all()
+    assert (np.diff(sign * scores, axis=1) <= 0).all()  # strongest first
+
+
+def test_fewer_candidates_than_k_are_padded(data: tuple[np.ndarray, np.ndarray, np.ndarray]
+                                            ) -> None:
+    vectors, ids, queries = data
+    searcher = Searcher(vectors, IdRows(ids))
+    scores, got = searcher.top_k(queries, K, include=ids[:3])
+    assert (got[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    assert set(got[0, :3]) == set(ids[:3])
+
+
+def test_relative_influence_divides_by_sqrt_self_influence(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    vectors, ids, queries = data
+    si = np.random.default_rng(2).uniform(0.5, 4.0, N)
+    searcher = Searcher(relative_vectors(vectors, si), IdRows(ids))
+    scores, got = searcher.top_k(queries, K)
+    want_scores, want = brute(vectors / np.sqrt(si)[:, None], ids, queries, K, 1.0,
+                              np.ones(N, dtype=bool))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL)
+
+
+def test_scores_and_rows(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    vectors, ids, queries = data
+    rows = IdRows(ids, label="index 'x' version 3")
+    assert rows.rows(ids[[7, 2, 400]]).tolist() == [7, 2, 400]
+    with pytest.raises(ExampleNotFound, match="index 'x' version 3"):
+        rows.rows(np.array([ids[0], 1]))
+    picked = np.array([9, 0, 33])
+    np.testing.assert_allclose(Searcher(vectors, rows).scores(queries, picked),
+                               queries @ vectors[picked].T, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_arguments_name_the_field(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    vectors, ids, queries = data
+    searcher = Searcher(vectors, IdRows(ids))
+    with pytest.raises(ConfigError, match="`k`"):
+        searcher.top_k(queries, 0)
+    with pytest.raises(ConfigError, match="`direction`"):
+        searcher.top_k(queries, K, direction="up")
+    with pytest.raises(ConfigError, match=rf"\[Q, {DIM}\]"):
+        as_queries(np.zeros((2, DIM + 1)), DIM)
+    assert as_queries(np.zeros(DIM), DIM).shape == (1, DIM)
+    with pytest.raises(ConfigError, match="`bins`"):
+        histogram(np.ones(3), 0)
+
+
+def test_histogram_linear_log_and_empty() -> None:
+    values = np.array([0.0, 1.0, 10.0, 100.0, 1000.0])
+    edges, counts = histogram(values, 3, log=True)  # zero has no logarithm: left out
+    np.testing.assert_allclose(edges, [1.0, 10.0, 100.0, 1000.0])
+    assert counts.tolist() == [1, 1, 2]
+    edges, counts = histogram(values, 2)
+    np.testing.assert_allclose(edges, [0.0, 500.0, 1000.0])
+    assert counts.tolist() == [4, 1]
+    edges, counts = histogram(np.zeros(0), 4)
+    assert edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and counts.tolist() == [0, 0, 0, 0]
