@@ -4,6 +4,7 @@ a new version is published; device workers of models no index uses any more are 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -15,12 +16,16 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
-from gradindex import BuildConfig, Settings, build, open_index
+from gradindex import BuildConfig, CompressionConfig, Featurizer, Settings, build, open_index
 from gradindex.indexer.admin import delete_index
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.store.db import dispose_engines
 from gradindex.indexer.tasks import DigitsTask
+from gradindex.server.errors import Overloaded
+from gradindex.server.metrics import Metrics
+from gradindex.server.worker import DeviceWorker
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS, LiveServer
 
@@ -32,6 +37,9 @@ FLAKY_TASK = '''
 from pathlib import Path
 
 from gradindex.indexer.tasks import DigitsTask
+from gradindex.server.errors import Overloaded
+from gradindex.server.metrics import Metrics
+from gradindex.server.worker import DeviceWorker
 
 
 class FlakyTask(DigitsTask):
@@ -234,3 +242,36 @@ def test_workers_of_models_no_index_uses_are_stopped(
         assert influence(BROKEN).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_retired_worker_finishes_its_waiting_requests_then_refuses(
+    store_task: DigitsTask,
+) -> None:
+    featurizer = Featurizer(store_task, CompressionConfig(batch_size=32), device="cpu")
+    payloads = store_task.test_payloads(8)
+    metrics = Metrics()
+    series: list[set[str]] = []
+
+    async def main() -> tuple[list[Any], BaseException | None]:
+        worker = DeviceWorker("old", featurizer, max_batch=2, max_wait_s=0.0, metrics=metrics)
+        worker.start()
+        waiting = [asyncio.ensure_future(worker.query([p])) for p in payloads]
+        await asyncio.sleep(0)  # every request queued: most wait behind the first pass
+        series.append(_model_series(metrics.render().decode()))
+        closing = asyncio.ensure_future(worker.close())
+        await asyncio.sleep(0)
+        late = None
+        try:
+            await worker.query(payloads[:1])
+        except Overloaded as exc:
+            late = exc
+        await closing
+        series.append(_model_series(metrics.render().decode()))
+        return await asyncio.gather(*waiting), late
+
+    got, late = asyncio.run(main())
+    want = featurizer.query(payloads)
+    for i, rows in enumerate(got):  # none of the waiting requests was dropped
+        torch.testing.assert_close(rows, want[i : i + 1], atol=1e-5, rtol=1e-4)
+    assert isinstance(late, Overloaded) and "not running" in str(late)
+    assert series == [{"old"}, set()]

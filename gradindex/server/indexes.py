@@ -41,9 +41,10 @@ __all__ = ["IndexRegistry", "Served", "failure_reason", "model_key"]
 
 log = logging.getLogger(__name__)
 
-RETRY_SAME_VERSION_S = 30.0
-"""How often a refused index is opened again while its version stays the same (a weights file
-put back, a database back up); a newly published version is tried at the next request."""
+RETRY_SAME_VERSION_S = (30.0, 900.0)
+"""A refused index whose version stays the same is opened again after 30 s, then after twice
+as long each time, up to 15 min (a weights file put back, a database back up: without a restart,
+yet without reloading a large model at every request); a new version is tried at once."""
 
 MAX_REASON = 600
 """Characters of a refusal reason at most (a task's exception may be long)."""
@@ -114,6 +115,8 @@ class _Refused:
     """When the refusal was last confirmed (monotonic seconds)."""
     tried: float
     """When the version was last opened (monotonic seconds)."""
+    retry_s: float = RETRY_SAME_VERSION_S[0]
+    """How long after ``tried`` the same version is opened again."""
 
 
 class IndexRegistry:
@@ -186,13 +189,16 @@ class IndexRegistry:
             served.checked = now
             return served
         if (served is None and refused is not None and refused.version == current
-                and now - refused.tried < RETRY_SAME_VERSION_S):
+                and now - refused.tried < refused.retry_s):
             refused.checked = now
             raise IndexUnavailable(refused.message)
-        async with self._lock:
+        async with self._lock:  # another request may have opened or refused it meanwhile
             again = self._served.get(name)
-            if again is not None and again.index.version == current:  # reopened meanwhile
+            if again is not None and again.index.version == current:
                 return again
+            late = self._refused.get(name)
+            if late is not None and late.version == current and late.tried >= now:
+                raise IndexUnavailable(late.message)
             return await self._open(name)
 
     def sync(self, names: set[str]) -> None:
@@ -233,7 +239,7 @@ class IndexRegistry:
             self._forget(name)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - one index never stops the rest
-            raise self._refuse(name, version, exc, now) from exc
+            raise self._refuse(name, version, exc) from exc
         previous = self._served.get(name)
         served = Served(index, worker, key, now)
         self._served[name] = served
@@ -247,14 +253,19 @@ class IndexRegistry:
         self._retire_unused()
         return served
 
-    def _refuse(self, name: str, version: int | None, exc: BaseException, now: float
-                ) -> IndexUnavailable:
+    def _refuse(self, name: str, version: int | None, exc: BaseException) -> IndexUnavailable:
         reason = failure_reason(exc, self.storage.data_dir)
         reason = reason.removeprefix(f"index {name!r}: ")  # the message names it already
         message = f"index {name!r} cannot be served: {reason}"
-        if name not in self._refused or self._refused[name].message != message:
+        before = self._refused.get(name)
+        if before is None or before.message != message:
             log.error("index %r is not served: %s", name, reason)
-        self._refused[name] = _Refused(version, message, now, now)
+            log.debug("index %r: the failure in full", name, exc_info=exc)
+        retry_s = RETRY_SAME_VERSION_S[0]
+        if before is not None and before.version == version:
+            retry_s = min(2 * before.retry_s, RETRY_SAME_VERSION_S[1])
+        now = time.monotonic()
+        self._refused[name] = _Refused(version, message, now, now, retry_s)
         self._served.pop(name, None)
         self._retire_unused()
         return IndexUnavailable(message)
