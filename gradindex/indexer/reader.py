@@ -73,6 +73,16 @@ class Index:
         return self.files.folder
 
     @property
+    def vectors(self) -> np.ndarray:
+        """The stored vectors ``[count, dim]`` (float32, memory-mapped)."""
+        return self.files.vectors
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The example row id of each vector (the FAISS ids)."""
+        return self.files.ids
+
+    @property
     def count(self) -> int:
         return self.files.count
 
