@@ -10,8 +10,8 @@ latency is one such round and its throughput c per round.
     python bench/query_load.py --index digits --quick  # GRADINDEX_API_KEY=gik_...
 
 The in-process side opens the index from GRADINDEX_DATA_DIR / GRADINDEX_DATABASE_URL, so run
-it where the server's data lives. The payloads are the task's own test examples when the task
-offers them (``test_payloads``), else training payloads from the index.
+it where the server's data lives. The payloads are the task's held-out examples when the task
+offers them (``queries()``), else training payloads from the index.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 from gradindex_client import Client
 
 from gradindex import open_index
+from gradindex.indexer.featurize import Featurizer
+from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.reader import Index
 
 K = 10
@@ -46,11 +48,9 @@ def _stats(latencies: list[float], examples: int, wall: float) -> Stats:
     return Stats(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), examples / wall)
 
 
-def _payloads(index: Index, n: int) -> list[dict[str, Any]]:
-    task = index.featurizer.task
-    if hasattr(task, "test_payloads"):
-        return list(task.test_payloads(n))
-    return [h.payload for h in index.self_influence(n)]
+def _payloads(index: Index, featurizer: Featurizer, n: int) -> list[dict[str, Any]]:
+    held_out = [p for _, p in featurizer.task.queries()[:n]]
+    return held_out or [h.payload for h in index.self_influence(n)]
 
 
 def over_http(url: str, api_key: str | None, name: str, payloads: list[dict[str, Any]],
@@ -83,15 +83,16 @@ def over_http(url: str, api_key: str | None, name: str, payloads: list[dict[str,
     return _stats(latencies, clients * per_client, time.perf_counter() - started)
 
 
-def in_process(index: Index, payloads: list[dict[str, Any]], batch: int, rounds: int) -> Stats:
+def in_process(index: Index, featurizer: Featurizer, payloads: list[dict[str, Any]],
+               batch: int, rounds: int) -> Stats:
     """``rounds`` rounds of ``batch`` examples: one model pass, then one search."""
-    index.search(index.queries(payloads[:batch]), K)  # warm-up
+    index.search(query_vectors(featurizer, payloads[:batch]), K)  # warm-up
     latencies = []
     started = time.perf_counter()
     for r in range(rounds):
         chunk = [payloads[(r * batch + i) % len(payloads)] for i in range(batch)]
         t0 = time.perf_counter()
-        index.search(index.queries(chunk), K)
+        index.search(query_vectors(featurizer, chunk), K)
         latencies.append(time.perf_counter() - t0)
     return _stats(latencies, batch * rounds, time.perf_counter() - started)
 
@@ -111,18 +112,19 @@ def main() -> None:
     total = 300 if args.quick else args.requests
 
     index = open_index(args.index)
-    payloads = _payloads(index, 256)
+    featurizer = featurizer_for(index)
+    payloads = _payloads(index, featurizer, 256)
     with Client(args.url, api_key=args.api_key) as c:
         health = c.health()
     log.info("server %s: devices %s; in process: %s; %d examples of dim %d", args.url,
-             health.devices, index.featurizer.device, index.count, index.dim)
+             health.devices, featurizer.device, index.count, index.dim)
     header = (f"{'clients':>7} | {'HTTP p50 ms':>11} {'p99 ms':>8} {'req/s':>8} | "
               f"{'in-proc p50 ms':>14} {'p99 ms':>8} {'ex/s':>8} | {'p50 ratio':>9}")
     rows = []
     for clients in args.concurrency:
         per_client = max(1, total // clients)
         http = over_http(args.url, args.api_key, args.index, payloads, clients, per_client)
-        local = in_process(index, payloads, clients, max(3, per_client))
+        local = in_process(index, featurizer, payloads, clients, max(3, per_client))
         rows.append(f"{clients:>7} | {http.p50_ms:>11.2f} {http.p99_ms:>8.2f} "
                     f"{http.per_s:>8.0f} | {local.p50_ms:>14.2f} {local.p99_ms:>8.2f} "
                     f"{local.per_s:>8.0f} | {http.p50_ms / local.p50_ms:>9.2f}")

@@ -8,6 +8,7 @@ import numpy as np
 
 from gradindex import Settings, open_index
 from gradindex.indexer.demo import demo_weights, prepare_demo
+from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.tasks import DigitsTask
 
 
@@ -21,12 +22,13 @@ def test_demo_builds_once_and_answers_queries(tmp_path: Path) -> None:
     index = open_index("digits", settings)
     assert index.count == 1000
     assert index.manifest["task"]["args"]["weights"] == str(weights)
-    task = index.featurizer.task
+    featurizer = featurizer_for(index)
+    task = featurizer.task
     assert isinstance(task.task, DigitsTask)
     gallery = task.queries()
     assert len(gallery) == 797 and gallery[0][0] == "test-0"
 
-    queries = index.queries([p for _, p in gallery[:3]])
+    queries = query_vectors(featurizer, [p for _, p in gallery[:3]])
     hits = index.search(queries, k=10)
     assert [len(h) for h in hits] == [10, 10, 10]
     for per_query in hits:

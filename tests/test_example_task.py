@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from gradindex import Settings, open_index
+from gradindex.indexer.query import featurizer_for, query_vectors
 
 from .conftest import REPO, gradindex_cli
 
@@ -24,10 +25,10 @@ def test_worked_task_file_builds_and_answers(tmp_path: Path) -> None:
     index = open_index("wine", settings)
     assert index.count == 150
     assert index.manifest["task"]["spec"] == f"{TASK_FILE}:WineTask"
-    task = index.featurizer.task
-    queries = task.queries()
+    featurizer = featurizer_for(index)
+    queries = featurizer.task.queries()
     assert len(queries) == 28
-    hits = index.search(index.queries([p for _, p in queries]), k=10)
+    hits = index.search(query_vectors(featurizer, [p for _, p in queries]), k=10)
     agree = [h.meta["label"] == p["y"] for (_, p), per in zip(queries, hits, strict=True)
              for h in per]
     assert sum(agree) / len(agree) > 0.5, agree  # proponents mostly share the class (chance: ⅓)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradindex import Settings, open_index
+from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.tasks import DigitsTask
 from gradindex.server import ServerSettings, create_app
 
@@ -112,7 +113,7 @@ def test_the_server_still_answers_correctly_after_the_fuzz(
         after = c.influence(SERVED_INDEX, before["payloads"], 10, direction="both")
     assert (info.version, info.count) == (before["version"], before["count"])
     reference = open_index(SERVED_INDEX, server_settings)
-    q = reference.queries(before["payloads"])
+    q = query_vectors(featurizer_for(reference), before["payloads"])
     for d in ("proponents", "opponents"):
         want = reference.search(q, 10, direction=d)
         for i, result in enumerate(after.results):

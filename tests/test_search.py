@@ -1,182 +1,128 @@
-"""Search of a persistent index against brute force: checkpoint ensembles end to end, metadata
-filters of every JSON type on both databases, and relative influence with a filter."""
+"""The pure searcher against brute force: exact scans, FAISS (exact and approximate, re-ranked),
+include and exclude sets, both directions, and the histogram."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from gradindex import (
-    BuildConfig,
-    CompressionConfig,
-    Featurizer,
-    InMemoryIndex,
-    PreconditionerConfig,
-    Settings,
-    build,
-    open_index,
-)
-from gradindex.indexer.compress import FactorizedDropoutCompressor
-from gradindex.indexer.tasks import DigitsTask
-from gradindex.indexer.tasks.digits import make_digits_model, train_classifier
+from gradindex.indexer import search
+from gradindex.indexer.errors import ConfigError, ExampleNotFound
+from gradindex.indexer.search import IdRows, Searcher, as_queries, histogram, relative_vectors
+from gradindex.indexer.store import FaissConfig, build_faiss
+
+N, DIM, Q, K = 500, 24, 6, 10
+RTOL = 1e-5
+ATOL = 1e-5
 
 
-def featurizer_for(index: Any) -> Featurizer:  # until the reader split lands
-    return index.featurizer  # type: ignore[no-any-return]
-
-RTOL = 1e-4
-ATOL = 1e-6
-SIZE = 120
-
-
-class TwoCheckpoints(DigitsTask):
-    """Logistic regression on digits, trained from two seeds: an ensemble of two checkpoints."""
-
-    def __init__(self) -> None:
-        super().__init__("logreg", train_size=SIZE)
-        self._nets: dict[str, nn.Module] = {}
-
-    def checkpoints(self) -> list[str]:
-        return ["seed0", "seed1"]
-
-    def model(self, checkpoint: str = "seed0") -> nn.Module:  # type: ignore[override]
-        if checkpoint not in self._nets:
-            net = make_digits_model("logreg", seed=int(checkpoint[-1]))
-            train_classifier(net, self.x, self.y, weight_decay=1e-3)
-            self._nets[checkpoint] = net.eval()
-        return self._nets[checkpoint]
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((N, DIM)).astype(np.float32)
+    ids = rng.permutation(np.arange(1000, 1000 + 3 * N, 3))  # not in row order on purpose
+    queries = rng.standard_normal((Q, DIM)).astype(np.float32)
+    return vectors, ids.astype(np.int64), queries
 
 
-class OneOfTwo(TwoCheckpoints):
-    """One checkpoint of :class:`TwoCheckpoints` alone, as its own task."""
-
-    def __init__(self, which: str) -> None:
-        super().__init__()
-        self.which = which
-
-    def checkpoints(self) -> list[str]:
-        return [self.which]
+def brute(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, sign: float,
+          allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = sign * (queries @ vectors.T)
+    scores[:, ~allowed] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return sign * np.take_along_axis(scores, order, axis=1), ids[order]
 
 
-class Tagged(DigitsTask):
-    """Digits whose metadata holds every JSON type: strings, booleans, null, floats, ints."""
-
-    def __init__(self) -> None:
-        super().__init__("logreg", train_size=SIZE)
-
-    def examples(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(i, {**p, "i": n}) for n, (i, p) in enumerate(super().examples())]
-
-    def metadata(self, payload: dict[str, Any]) -> dict[str, Any]:
-        n = payload["i"]
-        return {"label": payload["y"], "src": ["wiki", "books", "news"][n % 3],
-                "flag": n % 4 == 0, "note": None if n % 5 == 0 else "kept",
-                "weight": [0.5, 1.25, 2.0][n % 3]}
-
-
-def test_a_checkpoint_ensemble_scores_the_mean_of_its_checkpoints(tmp_path: Any) -> None:
-    settings = Settings(data_dir=tmp_path / "data")
-    compression = CompressionConfig(keep=0.3, masks=2, batch_size=40)
-    pcfg = PreconditionerConfig(fisher="expected")
-    build(BuildConfig(name="ensemble", task="tests.test_search:TwoCheckpoints",
-                      compression=compression, preconditioner=pcfg), settings)
-    index = open_index("ensemble", settings)
-    assert index.manifest["layout"]["checkpoints"] == 2 and index.manifest["layout"]["groups"] == 4
-    queries = TwoCheckpoints().test_payloads(5)
-    got = index.scores(featurizer_for(index).query(queries))[1]
-
-    # Each checkpoint alone, with the masks the ensemble drew for it: the ensemble's score is
-    # the mean of theirs (each group has its own preconditioner blocks).
-    per_checkpoint = []
-    for c, name in enumerate(["seed0", "seed1"]):
-        task = OneOfTwo(name)
-        layers = Featurizer(task, compression, device="cpu").layers
-        keep = compression.keep
-        assert keep is not None
-        comps = [[FactorizedDropoutCompressor(layers, keep, compression, checkpoint=c, mask=m)
-                  for m in range(2)]]
-        feat = Featurizer(task, compression, device="cpu", compressors=comps)
-        per_checkpoint.append(InMemoryIndex.fit(task, compression, pcfg, featurizer=feat)
-                              .scores(queries).numpy())
-    # a checkpoint alone averages its 2 masks; the ensemble averages all 4 groups
-    np.testing.assert_allclose(got, np.mean(per_checkpoint, axis=0), rtol=1e-3, atol=1e-5)
-    assert not np.allclose(per_checkpoint[0], per_checkpoint[1], rtol=0.05)
+@pytest.mark.parametrize("kind", ["scan", "flat", "hnsw", "ivf"])
+@pytest.mark.parametrize("direction", ["proponents", "opponents"])
+@pytest.mark.parametrize("restrict", ["none", "include", "include-in-faiss", "exclude"])
+def test_top_k_equals_brute_force(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str,
+                                  direction: str, restrict: str) -> None:
+    vectors, ids, queries = data
+    scan_limit = search.EXACT_SCAN_LIMIT
+    if restrict == "include-in-faiss":  # a filter too large to scan: FAISS selects the ids
+        scan_limit, restrict = 0, "include"
+    config = FaissConfig(kind="flat" if kind == "scan" else kind, oversample=8)
+    index = None if kind == "scan" else build_faiss(config, vectors, ids)
+    searcher = Searcher(vectors, IdRows(ids), index=index, config=config,
+                        scan_limit=scan_limit)
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(ids, size=N // 5, replace=False)
+    include = chosen if restrict == "include" else None
+    exclude = chosen if restrict == "exclude" else None
+    allowed = np.isin(ids, chosen) if restrict == "include" else ~np.isin(ids, chosen) \
+        if restrict == "exclude" else np.ones(N, dtype=bool)
+    sign = 1.0 if direction == "proponents" else -1.0
+    scores, got = searcher.top_k(queries, K, direction=direction, include=include,
+                                 exclude=exclude)
+    want_scores, want = brute(vectors, ids, queries, K, sign, allowed)
+    if kind in ("hnsw", "ivf"):  # approximate candidates: most of the true top-k, exact scores
+        recall = np.mean([len(set(g) & set(w)) / K for g, w in zip(got, want, strict=True)])
+        assert recall >= 0.8
+        rows = IdRows(ids).rows(got.reshape(-1)).reshape(got.shape)
+        exact = np.einsum("qd,qkd->qk", queries, vectors[rows])
+        np.testing.assert_allclose(scores, exact, rtol=RTOL, atol=ATOL)
+    else:
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL)
+    assert np.isin(got, ids[allowed]).all()
+    assert (np.diff(sign * scores, axis=1) <= 0).all()  # strongest first
 
 
-@pytest.fixture()
-def tagged(settings: Settings) -> tuple[Settings, np.ndarray, list[dict[str, Any]]]:
-    """An index of :class:`Tagged` on the backend of ``settings``; all its query scores."""
-    build(BuildConfig(name="tagged", task="tests.test_search:Tagged",
-                      compression=CompressionConfig(keep=0.3, batch_size=40)), settings)
-    index = open_index("tagged", settings)
-    queries = Tagged().test_payloads(4)
-    _, scores = index.scores(featurizer_for(index).query(queries))
-    metas = [Tagged().metadata({**p, "i": n}) for n, (_, p) in enumerate(Tagged().examples())]
-    return settings, scores, metas
+def test_fewer_candidates_than_k_are_padded(data: tuple[np.ndarray, np.ndarray, np.ndarray]
+                                            ) -> None:
+    vectors, ids, queries = data
+    searcher = Searcher(vectors, IdRows(ids))
+    scores, got = searcher.top_k(queries, K, include=ids[:3])
+    assert (got[:, 3:] == -1).all() and np.isneginf(scores[:, 3:]).all()
+    assert set(got[0, :3]) == set(ids[:3])
 
 
-FILTERS: list[dict[str, Any]] = [
-    {"src": "wiki"},
-    {"src": ["books", "news"]},
-    {"flag": True},
-    {"flag": False, "src": "news"},
-    {"note": None},
-    {"note": "kept", "label": [1, 2, 3]},
-    {"weight": 1.25},
-    {"weight": [0.5, 2.0], "flag": True},
-    {"label": 7},
-]
-
-
-def _matches(meta: dict[str, Any], flt: dict[str, Any]) -> bool:
-    for key, want in flt.items():
-        values = want if isinstance(want, list) else [want]
-        value = meta.get(key)
-        # JSON equality: True is not 1, 1.0 equals 1
-        if not any(type(value) is type(v) and value == v if isinstance(v, bool) or
-                   isinstance(value, bool) else value == v for v in values):
-            return False
-    return True
-
-
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("flt", FILTERS, ids=[str(f) for f in FILTERS])
-def test_filters_of_every_json_type_equal_brute_force(
-    tagged: tuple[Settings, np.ndarray, list[dict[str, Any]]], flt: dict[str, Any],
-    normalize: bool,
+def test_relative_influence_divides_by_sqrt_self_influence(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray]
 ) -> None:
-    settings, scores, metas = tagged
-    index = open_index("tagged", settings)
-    queries = featurizer_for(index).query(Tagged().test_payloads(4))
-    keep = np.array([_matches(m, flt) for m in metas])
-    assert 0 < keep.sum() < len(metas)
-    values = scores
-    if normalize:
-        values = scores / np.sqrt(np.maximum(index.self_influence_values, 1e-30))[None, :]
-    k = 6
-    for direction, sign in (("proponents", 1.0), ("opponents", -1.0)):
-        hits = index.search(queries, k, direction=direction, filter=flt, normalize=normalize)
-        for q, found in enumerate(hits):
-            masked = np.where(keep, sign * values[q], -np.inf)
-            want = np.argsort(-masked, kind="stable")[: min(k, int(keep.sum()))]
-            assert [h.external_id for h in found] == [f"train-{i}" for i in want]
-            np.testing.assert_allclose([h.score for h in found], values[q][want],
-                                       rtol=1e-3, atol=1e-5)
+    vectors, ids, queries = data
+    si = np.random.default_rng(2).uniform(0.5, 4.0, N)
+    searcher = Searcher(relative_vectors(vectors, si), IdRows(ids))
+    scores, got = searcher.top_k(queries, K)
+    want_scores, want = brute(vectors / np.sqrt(si)[:, None], ids, queries, K, 1.0,
+                              np.ones(N, dtype=bool))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=ATOL)
 
 
-def test_filters_compare_json_values_not_text(
-    tagged: tuple[Settings, np.ndarray, list[dict[str, Any]]],
-) -> None:
-    settings, _, metas = tagged
-    index = open_index("tagged", settings)
-    q = featurizer_for(index).query(Tagged().test_payloads(1))
-    by_text = index.search(q, 200, filter={"label": "7"})[0]  # a string against ints
-    assert by_text == []
-    ints = index.search(q, 200, filter={"label": 7})[0]
-    assert len(ints) == sum(m["label"] == 7 for m in metas) > 0
-    assert index.search(q, 200, filter={"flag": 1})[0] == []  # true is not 1 in JSON
-    assert torch.is_tensor(q)
+def test_scores_and_rows(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    vectors, ids, queries = data
+    rows = IdRows(ids, label="index 'x' version 3")
+    assert rows.rows(ids[[7, 2, 400]]).tolist() == [7, 2, 400]
+    with pytest.raises(ExampleNotFound, match="index 'x' version 3"):
+        rows.rows(np.array([ids[0], 1]))
+    picked = np.array([9, 0, 33])
+    np.testing.assert_allclose(Searcher(vectors, rows).scores(queries, picked),
+                               queries @ vectors[picked].T, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_arguments_name_the_field(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    vectors, ids, queries = data
+    searcher = Searcher(vectors, IdRows(ids))
+    with pytest.raises(ConfigError, match="`k`"):
+        searcher.top_k(queries, 0)
+    with pytest.raises(ConfigError, match="`direction`"):
+        searcher.top_k(queries, K, direction="up")
+    with pytest.raises(ConfigError, match=rf"\[Q, {DIM}\]"):
+        as_queries(np.zeros((2, DIM + 1)), DIM)
+    assert as_queries(np.zeros(DIM), DIM).shape == (1, DIM)
+    with pytest.raises(ConfigError, match="`bins`"):
+        histogram(np.ones(3), 0)
+
+
+def test_histogram_linear_log_and_empty() -> None:
+    values = np.array([0.0, 1.0, 10.0, 100.0, 1000.0])
+    edges, counts = histogram(values, 3, log=True)  # zero has no logarithm: left out
+    np.testing.assert_allclose(edges, [1.0, 10.0, 100.0, 1000.0])
+    assert counts.tolist() == [1, 1, 2]
+    edges, counts = histogram(values, 2)
+    np.testing.assert_allclose(edges, [0.0, 500.0, 1000.0])
+    assert counts.tolist() == [4, 1]
+    edges, counts = histogram(np.zeros(0), 4)
+    assert edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and counts.tolist() == [0, 0, 0, 0]

@@ -21,6 +21,8 @@ from gradindex_client import (
 )
 
 from gradindex import Settings, open_index, refinalize
+from gradindex.indexer.featurize import Featurizer
+from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.reader import Index
 from gradindex.indexer.tasks import DigitsTask
 
@@ -46,6 +48,12 @@ def reference(server_settings: Settings) -> Index:
 
 
 @pytest.fixture(scope="module")
+def featurizer(reference: Index) -> Featurizer:
+    """The query side of the served index, rebuilt from its manifest as the server does."""
+    return featurizer_for(reference)
+
+
+@pytest.fixture(scope="module")
 def payloads(store_task: DigitsTask) -> list[dict[str, Any]]:
     return store_task.test_payloads(40)
 
@@ -62,7 +70,7 @@ def assert_same_hits(got: list[Any], want: list[Any]) -> None:
 def test_health_and_listing(api: Client, reference: Index) -> None:
     health = api.health()
     assert health.status == "ok" and health.contract == 1 and health.auth
-    assert health.devices and health.indexes == 1
+    assert health.devices and health.indexes == 1 and health.workers == 1
     listing = {i.name: i for i in api.indexes()}
     assert listing[SERVED_INDEX].status == "serving"
     assert listing[SERVED_INDEX].version == reference.version
@@ -80,16 +88,19 @@ def test_index_with_changed_weights_is_refused_and_others_served(
     assert "other model weights" in (listing["stale"].reason or "")
     with pytest.raises(ServiceUnavailable, match="other model weights"):
         api.influence("stale", [{"x": [0.0] * 64, "y": 0}])
+    detail = api.index("stale")  # described, not refused
+    assert detail.status == "unavailable" and "other model weights" in (detail.reason or "")
+    assert detail.version == listing["stale"].version and detail.device is None
     log = " ".join(live_server.log().split())  # the log wraps long lines
     assert re.search(r"index 'stale' is not served: .*other model weights", log)
 
 
 @pytest.mark.parametrize("direction", ["proponents", "opponents", "both"])
-def test_influence_equals_the_indexer(api: Client, reference: Index,
+def test_influence_equals_the_indexer(api: Client, reference: Index, featurizer: Featurizer,
                                       payloads: list[dict[str, Any]], direction: str) -> None:
     got = api.influence(SERVED_INDEX, payloads[:6], K, direction=direction)
     assert got.version == reference.version and len(got.results) == 6
-    q = reference.queries(payloads[:6])
+    q = query_vectors(featurizer, payloads[:6])
     for d in ("proponents", "opponents"):
         want = reference.search(q, K, direction=d)
         for i, result in enumerate(got.results):
@@ -101,8 +112,9 @@ def test_influence_equals_the_indexer(api: Client, reference: Index,
 
 
 def test_influence_filter_and_relative_influence(api: Client, reference: Index,
+                                                 featurizer: Featurizer,
                                                  payloads: list[dict[str, Any]]) -> None:
-    q = reference.queries(payloads[:4])
+    q = query_vectors(featurizer, payloads[:4])
     got = api.influence(SERVED_INDEX, payloads[:4], K, filter={"label": [3, 5]})
     for i, result in enumerate(got.results):
         assert {h.meta["label"] for h in result.proponents} <= {3, 5}
@@ -122,8 +134,9 @@ def test_influence_filter_and_relative_influence(api: Client, reference: Index,
 
 
 def test_scores_and_select_equal_the_indexer(api: Client, reference: Index,
+                                             featurizer: Featurizer,
                                              payloads: list[dict[str, Any]]) -> None:
-    q = reference.queries(payloads[:5])
+    q = query_vectors(featurizer, payloads[:5])
     some = ["train-7", "train-0", "train-123"]
     got = api.scores(SERVED_INDEX, payloads[:5], some)
     ids, want = reference.scores(q, some)
@@ -209,9 +222,9 @@ def test_bad_input_is_a_4xx_that_names_the_problem(
 
 def test_32_concurrent_clients_are_answered_correctly_and_batched(
     api: Client, live_server: LiveServer, server_keys: dict[str, str], reference: Index,
-    payloads: list[dict[str, Any]],
+    featurizer: Featurizer, payloads: list[dict[str, Any]],
 ) -> None:
-    q = reference.queries(payloads[:THREADS])
+    q = query_vectors(featurizer, payloads[:THREADS])
     want = reference.search(q, K)
     before = _batched_passes(api.metrics())
     got: dict[int, Any] = {}
@@ -293,7 +306,7 @@ def test_delete_then_new_version_is_picked_up(
     assert api.index(SERVED_INDEX).version == new != old
     reference = open_index(SERVED_INDEX, server_settings)
     got = api.influence(SERVED_INDEX, payloads[:3], K)
-    want = reference.search(reference.queries(payloads[:3]), K)
+    want = reference.search(query_vectors(featurizer_for(reference), payloads[:3]), K)
     for i in range(3):
         assert_same_hits(got.results[i].proponents, want[i])
         assert top.id not in [h.id for h in got.results[i].proponents]

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from gradindex import Settings, open_index
 from gradindex.cli import app
+from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.store import upgrade
 from gradindex.indexer.store.db import dispose_engines
 from gradindex.indexer.tasks import DigitsTask
@@ -32,7 +33,7 @@ def test_server_on_postgresql(pg_databases: Callable[[], str], tmp_path: Path,
     try:
         payloads = store_task.test_payloads(6)
         reference = open_index(SERVED_INDEX, settings)
-        q = reference.queries(payloads)
+        q = query_vectors(featurizer_for(reference), payloads)
         with Client(server.url, api_key=admin, retries=0) as c:
             assert [i.name for i in c.indexes()] == [SERVED_INDEX]
             got = c.influence(SERVED_INDEX, payloads, 10, direction="both",

@@ -35,6 +35,7 @@ from gradindex import (
 )
 from gradindex.indexer.build import parse_shard, shard_from_env
 from gradindex.indexer.errors import ConfigError, StorageError
+from gradindex.indexer.query import featurizer_for
 from gradindex.indexer.store import (
     ExampleRow,
     begin_version,
@@ -266,7 +267,7 @@ def test_open_refuses_an_index_whose_rows_and_faiss_disagree(
                       preconditioner=PreconditionerConfig(shape="identity")),
           settings, featurizer=feat)
     index = open_index("digits", settings)
-    assert index.featurizer.dim == index.dim  # rebuilt from the manifest, fingerprint checked
+    assert featurizer_for(index).dim == index.dim  # rebuilt from the manifest, fingerprint checked
     with Session(connect(settings)) as session, session.begin():
         first = session.scalar(select(ExampleRow.id).order_by(ExampleRow.id).limit(1))
         session.execute(delete(ExampleRow).where(ExampleRow.id == first))

@@ -25,7 +25,7 @@ _galleries: weakref.WeakKeyDictionary[Any, list[tuple[str, Any]]] = weakref.Weak
 
 def _gallery(served: Served) -> list[tuple[str, Any]]:
     """``task.queries()`` as ``(id, payload)`` pairs, read once per task."""
-    task = served.index.featurizer.task
+    task = served.task
     found = _galleries.get(task)
     if found is None:
         found = _galleries[task] = task.queries()

@@ -1,8 +1,9 @@
 """The ``/v1`` endpoints of contract version 1: indexes, influence, scores, selection,
 self-influence and examples.
 
-Routes stay thin: query vectors come from the index's device worker, everything else from the
-indexer's :class:`~gradindex.indexer.reader.Index`, run on the thread pool, never on the event loop.
+Routes stay thin: query vectors come from the index's device worker (whose featurizer also
+holds the task that renders examples), everything else from the indexer's
+:class:`~gradindex.indexer.reader.Index`, run on the thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from fastapi.concurrency import run_in_threadpool
 from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
 from gradindex.indexer.errors import ConfigError, TaskError
-from gradindex.indexer.reader import Hit
+from gradindex.indexer.examples import Hit
 
 from .auth import AdminKey, ReadKey
+from .errors import IndexUnavailable
 from .indexes import IndexRegistry, Served
 from .schemas import (
     CONTRACT_VERSION,
@@ -90,7 +92,7 @@ router = APIRouter(prefix="/v1/indexes", tags=["indexes"], responses=ERRORS)
 
 def render_payload(served: Served, payload: Any) -> dict[str, Any] | None:
     """The task's ``render(payload)``, or None for a task without one (or that fails on it)."""
-    return served.index.featurizer.task.render(payload)
+    return served.task.render(payload)
 
 
 def _training(hit: Hit, served: Served | None = None) -> TrainingExample:
@@ -140,9 +142,10 @@ def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
 @health_router.get("/v1/health", response_model=Health)
 async def health(registry: Registry, settings: SettingsDep) -> Health:
     """Liveness: the server answers and its device workers run (no key needed)."""
+    workers = registry.workers
     return Health(status="ok", contract=CONTRACT_VERSION, version=__version__,
                   auth=settings.auth_required, indexes=len(registry.served),
-                  devices=sorted({w.device for w in registry.workers}))
+                  devices=sorted({w.device for w in workers}), workers=len(workers))
 
 
 # ------------------------------------------------------------------ indexes
@@ -152,20 +155,33 @@ async def health(registry: Registry, settings: SettingsDep) -> Health:
 async def get_indexes(_key: ReadKey, registry: Registry) -> IndexList:
     """Every index, with its current version and whether this server serves it."""
     rows = await run_in_threadpool(list_indexes, registry.storage)
+    registry.sync({r["name"] for r in rows})
     return IndexList(indexes=[IndexSummary(**_summary(r, registry)) for r in rows])
 
 
 @router.get("/{name}", response_model=IndexDetail)
-async def get_index(_key: ReadKey, served: IndexDep, registry: Registry) -> IndexDetail:
-    """One index: its size, task, compression, preconditioner and FAISS settings."""
+async def get_index(_key: ReadKey, name: IndexName, registry: Registry) -> IndexDetail:
+    """One index: its size, task, compression, preconditioner and FAISS settings; for an index
+    this server cannot serve, its status ``unavailable`` and the reason."""
+    try:
+        served: Served | None = await registry.get(name)
+    except IndexUnavailable:
+        served = None
+    row = await run_in_threadpool(index_info, registry.storage, name)
+    if served is None:  # described from the database's copy of its manifest
+        m = row["manifest"] or {}
+        return IndexDetail(
+            **_summary(row, registry), task=m.get("task") or {},
+            compression=m.get("compression") or {}, preconditioner=m.get("preconditioner") or {},
+            faiss=m.get("faiss") or {}, relative=bool((m.get("relative") or {}).get("file")),
+            device=None)
     index = served.index
-    row = await run_in_threadpool(index_info, registry.storage, index.name)
     m = index.manifest
     return IndexDetail(
         **{**_summary(row, registry), "version": index.version, "dim": index.dim},
         task=m.get("task", {}), compression=m.get("compression", {}),
         preconditioner=m.get("preconditioner", {}), faiss=m.get("faiss", {}),
-        relative=index.relative_faiss is not None, device=served.worker.device)
+        relative=index.has_relative_index, device=served.worker.device)
 
 
 @router.post("/{name}/influence", response_model=InfluenceResponse)

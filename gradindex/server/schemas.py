@@ -177,6 +177,7 @@ class Health(BaseModel):
     auth: bool
     indexes: int
     devices: list[str]
+    workers: int = Field(0, description="Device workers running (one per served model).")
 
 
 class ErrorBody(BaseModel):

@@ -4,7 +4,9 @@ Requests wait in a bounded queue; one loop takes up to ``max_batch`` examples (w
 ``max_wait`` for more to arrive), computes their query vectors in one model pass on the
 worker's own thread, and hands each request its rows. A full queue is refused at once
 (:class:`~.errors.Overloaded`, 503 with ``Retry-After``). When a pass fails, its requests
-are retried one by one, so a bad payload fails only its own request.
+are retried one by one, so a bad payload fails only its own request. A worker whose model no
+served index uses any more is retired with :meth:`DeviceWorker.close`: it refuses new requests,
+finishes the waiting ones, and frees its thread.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ class DeviceWorker:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"gradindex-{name[:16]}")
         self._loop_task: asyncio.Task[None] | None = None
         self._carry: _Job | None = None
+        self._batch: list[_Job] = []
+        """The jobs of the pass being gathered or run."""
+        self._closing = False
 
     @property
     def device(self) -> str:
@@ -79,8 +84,25 @@ class DeviceWorker:
                 self._run(), name=f"device-worker-{self.name}")
             log.info("device worker %r started on %s", self.name, self.device)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and no model pass runs."""
+        return not self._batch and self._carry is None and self._queue.empty()
+
+    async def close(self, timeout_s: float = 60.0) -> None:
+        """Retire the worker: refuse new requests, finish the waiting ones (for at most
+        ``timeout_s``), then :meth:`stop`."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        running = self._loop_task is not None and not self._loop_task.done()
+        while running and not self.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self.stop()
+        log.info("device worker %r stopped: no served index uses its model any more", self.name)
+
     async def stop(self) -> None:
         """Stop the loop; requests still waiting fail with ``Overloaded``."""
+        self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -88,7 +110,8 @@ class DeviceWorker:
             except asyncio.CancelledError:
                 pass
             self._loop_task = None
-        pending = [self._carry] if self._carry is not None else []
+        pending = list(self._batch) + ([self._carry] if self._carry is not None else [])
+        self._batch, self._carry = [], None
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for job in pending:
@@ -96,6 +119,10 @@ class DeviceWorker:
                 job.future.set_exception(Overloaded("the server is shutting down",
                                                     self.retry_after_s))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        try:  # a retired model's queue is no longer a series of /metrics
+            self.metrics.queue_depth.remove(self.name)
+        except KeyError:
+            pass
 
     async def query(self, payloads: Sequence[dict[str, Any]]) -> torch.Tensor:
         """Query vectors ``[len(payloads), dim]`` (float32, cpu) of test payloads.
@@ -104,7 +131,7 @@ class DeviceWorker:
             Overloaded: the queue is full.
             TaskError: the task rejected a payload, or its loss was not finite.
         """
-        if self._loop_task is None or self._loop_task.done():
+        if self._closing or self._loop_task is None or self._loop_task.done():
             raise Overloaded(f"the device worker of {self.name!r} is not running",
                              self.retry_after_s)
         job = _Job(list(payloads), asyncio.get_running_loop().create_future())
@@ -139,18 +166,19 @@ class DeviceWorker:
         while True:
             if self._carry is None:
                 self._carry = await self._queue.get()
-            batch: list[_Job] = []
-            size = self._take(batch, 0)
-            if size < self.max_batch and self.max_wait_s > 0:
-                await asyncio.sleep(self.max_wait_s)
-                size = self._take(batch, size)
-            self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
-            batch = [job for job in batch if not job.future.done()]  # callers that left
-            if batch:
-                try:
-                    await self._process(batch)
-                except Exception:  # noqa: BLE001 - the loop must outlive any one pass
-                    log.exception("device worker %r: a pass failed unexpectedly", self.name)
+            batch = self._batch = []  # kept where stop() finds it
+            try:
+                size = self._take(batch, 0)
+                if size < self.max_batch and self.max_wait_s > 0:
+                    await asyncio.sleep(self.max_wait_s)
+                    size = self._take(batch, size)
+                self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
+                live = [job for job in batch if not job.future.done()]  # callers that left
+                if live:
+                    await self._process(live)
+            except Exception:  # noqa: BLE001 - the loop must outlive any one pass
+                log.exception("device worker %r: a pass failed unexpectedly", self.name)
+            self._batch = []  # not on cancellation: stop() fails what is left of it
 
     async def _process(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()

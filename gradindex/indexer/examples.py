@@ -1,0 +1,263 @@
+"""The SQL side of a published version: its example rows, as hits, id sets and pages.
+
+An :class:`ExampleStore` reads (and deletes) the rows of one index version: the hits of given
+ids, the ids that match a metadata filter (JSON SQL for SQLite and PostgreSQL alike), the
+deleted ids, pages by self-influence, and look-ups by id. It never touches the version's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+from .errors import ConfigError, ExampleNotFound, StorageError
+from .store import ExampleRow, IndexVersion
+
+__all__ = ["ExampleStore", "Filter", "Hit", "check_filter"]
+
+log = logging.getLogger(__name__)
+
+Filter = Mapping[str, Any]
+"""``{"field": value}`` (equality) or ``{"field": [v1, v2]}`` (membership) on metadata; all
+fields must match."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A training example with its score against a query."""
+
+    id: int
+    """Row id (the FAISS id)."""
+    external_id: str
+    """The id the task gave the example."""
+    score: float
+    payload: Any
+    meta: dict[str, Any]
+    self_influence: float
+
+
+def _hit(row: ExampleRow, score: float) -> Hit:
+    return Hit(int(row.id), row.external_id, float(score), row.payload, dict(row.meta or {}),
+               float(row.self_influence))
+
+
+def _scalar_ok(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def check_filter(filter: Filter | None) -> dict[str, list[Any]]:
+    """A metadata filter as ``{field: [allowed values]}`` (empty for none).
+
+    Raises:
+        ConfigError: it is not an object of fields mapping to scalars or lists of scalars.
+    """
+    if filter is None:
+        return {}
+    if not isinstance(filter, Mapping):
+        raise ConfigError(f"`filter` must be an object of metadata fields, got {filter!r}")
+    out: dict[str, list[Any]] = {}
+    for key, value in filter.items():
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        if not isinstance(key, str) or not key or not all(_scalar_ok(v) for v in values):
+            raise ConfigError(
+                f"`filter` field {key!r} must map to a value or a list of values (strings, "
+                f"numbers, booleans), got {value!r}"
+            )
+        if not values:
+            raise ConfigError(f"`filter` field {key!r} has an empty list of values")
+        out[key] = values
+    return out
+
+
+def _condition(dialect: str, key: str, values: list[Any]) -> ColumnElement[bool]:
+    """SQL for ``meta[key] in values``, exact on JSON values on both backends."""
+    if dialect == "postgresql":
+        meta = type_coerce(ExampleRow.meta, JSONB)
+        return or_(*[meta.contains({key: v}) for v in values])  # jsonb @>
+    path = '$."' + key.replace('"', '\\"') + '"'
+    extracted = func.json_extract(ExampleRow.meta, path)
+    typed = func.json_type(ExampleRow.meta, path)
+    parts = []
+    for v in values:
+        if v is None:
+            parts.append(typed == "null")
+        elif isinstance(v, bool):  # before int: JSON true is not 1
+            parts.append(typed == ("true" if v else "false"))
+        elif isinstance(v, str):
+            parts.append(and_(typed == "text", extracted == v))
+        else:
+            parts.append(and_(typed.in_(["integer", "real"]), extracted == v))
+    return or_(*parts)
+
+
+def _shorten(ids: list[str]) -> str:
+    shown = [m if len(m) <= 80 else m[:77] + "..." for m in ids[:10]]
+    return f"{shown}" + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+class ExampleStore:
+    """The example rows of one version of an index.
+
+    Args:
+        engine: the database.
+        name: the index (for messages).
+        version: the version's id.
+    """
+
+    def __init__(self, engine: Engine, *, name: str, version: int) -> None:
+        self.engine = engine
+        self.name = name
+        self.version = version
+
+    def _live(self) -> list[ColumnElement[bool]]:
+        return [ExampleRow.version_id == self.version, ExampleRow.deleted.is_(False)]
+
+    def row_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's ``(id, position)`` ``[N]`` each, by position (deleted ones included)."""
+        with Session(self.engine) as session:
+            rows = session.execute(select(ExampleRow.id, ExampleRow.position)
+                                   .where(ExampleRow.version_id == self.version)
+                                   .order_by(ExampleRow.position)).all()
+        return (np.asarray([r[0] for r in rows], dtype=np.int64),
+                np.asarray([r[1] for r in rows], dtype=np.int64))
+
+    def deleted(self) -> np.ndarray:
+        """Ids of the deleted examples."""
+        with Session(self.engine) as session:
+            ids = session.scalars(select(ExampleRow.id).where(
+                ExampleRow.version_id == self.version, ExampleRow.deleted)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def matching(self, filter: Filter | None) -> np.ndarray | None:
+        """Sorted ids of the live examples whose metadata match, or None without a filter.
+
+        Raises:
+            ConfigError: the filter is malformed.
+        """
+        conditions = check_filter(filter)
+        if not conditions:
+            return None
+        dialect = self.engine.dialect.name
+        where = self._live() + [_condition(dialect, k, v) for k, v in conditions.items()]
+        with Session(self.engine) as session:
+            ids = session.scalars(select(ExampleRow.id).where(*where)).all()
+        return np.sort(np.asarray(ids, dtype=np.int64))
+
+    def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """The hits of example ``ids`` with their ``scores``, in order (ids < 0 skipped).
+
+        Raises:
+            StorageError: some rows are gone (the version was retired meanwhile).
+        """
+        keep = ids >= 0
+        ids, scores = ids[keep], scores[keep]
+        if not len(ids):
+            return []
+        with Session(self.engine) as session:
+            rows = {r.id: r for r in session.scalars(
+                select(ExampleRow).where(ExampleRow.id.in_(ids.tolist()),
+                                         ExampleRow.version_id == self.version))}
+        if len(rows) != len(set(ids.tolist())):
+            raise StorageError(
+                f"index {self.name!r} version {self.version} was retired while in use; "
+                "open the index again"
+            )
+        return [_hit(rows[int(i)], s) for i, s in zip(ids, scores, strict=True)]
+
+    def self_influence_by_position(self) -> np.ndarray:
+        """Self-influence of every row, by position (for versions without
+        ``self_influence.npy``)."""
+        with Session(self.engine) as session:
+            return np.asarray(session.scalars(
+                select(ExampleRow.self_influence)
+                .where(ExampleRow.version_id == self.version)
+                .order_by(ExampleRow.position)).all(), dtype=np.float64)
+
+    def self_influence_page(
+        self, *, limit: int, offset: int = 0, descending: bool = True,
+        filter: Filter | None = None,
+    ) -> list[Hit]:
+        """Live examples ranked by self-influence (ties by id); each hit's score is its
+        self-influence.
+
+        Raises:
+            ConfigError: ``limit`` is not positive, ``offset`` negative, or the filter bad.
+        """
+        if not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"`limit` must be a positive integer, got {limit!r}")
+        if not isinstance(offset, int) or offset < 0:
+            raise ConfigError(f"`offset` must be a non-negative integer, got {offset!r}")
+        dialect = self.engine.dialect.name
+        where = self._live() + [_condition(dialect, k, v)
+                                for k, v in check_filter(filter).items()]
+        order = ExampleRow.self_influence.desc() if descending else ExampleRow.self_influence
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ExampleRow).where(*where)
+                                   .order_by(order, ExampleRow.id).offset(offset)
+                                   .limit(limit)).all()
+            return [_hit(r, r.self_influence) for r in rows]
+
+    def live_positions(self, external_ids: Sequence[str] | None = None
+                       ) -> tuple[list[str], np.ndarray]:
+        """External ids and vector positions of the given (default: every) live example.
+
+        Raises:
+            ExampleNotFound: an id is not in the version, or was deleted.
+        """
+        with Session(self.engine) as session:
+            if external_ids is None:
+                found = session.execute(select(ExampleRow.external_id, ExampleRow.position)
+                                        .where(*self._live())
+                                        .order_by(ExampleRow.position)).all()
+                return ([r[0] for r in found],
+                        np.asarray([r[1] for r in found], dtype=np.int64))
+            wanted = [str(i) for i in external_ids]
+            found = session.execute(select(ExampleRow.external_id, ExampleRow.position)
+                                    .where(*self._live(),
+                                           ExampleRow.external_id.in_(wanted))).all()
+        where_of = {r[0]: int(r[1]) for r in found}
+        missing = [i for i in wanted if i not in where_of]
+        if missing:
+            raise ExampleNotFound(
+                f"index {self.name!r} has no (live) example with id(s) {_shorten(missing)}")
+        return wanted, np.asarray([where_of[i] for i in wanted], dtype=np.int64)
+
+    def example(self, key: int | str) -> Hit:
+        """A live example by row id (int) or external id (str); its score is 0.
+
+        Raises:
+            ExampleNotFound: no such example, or it was deleted.
+        """
+        if isinstance(key, int) and not isinstance(key, bool):
+            which = ExampleRow.id == key
+        else:
+            which = ExampleRow.external_id == str(key)
+        with Session(self.engine) as session:
+            row = session.scalar(select(ExampleRow).where(*self._live(), which))
+            if row is None:
+                raise ExampleNotFound(f"index {self.name!r} has no example {key!r}")
+            return _hit(row, 0.0)
+
+    def delete(self, key: int | str) -> Hit:
+        """Mark an example deleted in every version of the index (later ones included).
+
+        Raises:
+            ExampleNotFound: no such example, or it was already deleted.
+        """
+        hit = self.example(key)
+        with Session(self.engine) as session, session.begin():
+            versions = select(IndexVersion.id).where(
+                IndexVersion.index_id == select(IndexVersion.index_id)
+                .where(IndexVersion.id == self.version).scalar_subquery())
+            session.execute(update(ExampleRow).where(
+                ExampleRow.version_id.in_(versions),
+                ExampleRow.external_id == hit.external_id).values(deleted=True))
+        log.info("index %r: example %r deleted", self.name, hit.external_id)
+        return hit

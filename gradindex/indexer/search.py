@@ -1,0 +1,217 @@
+"""The pure search of a published index: top-k over a vector matrix or its FAISS index.
+
+Numpy and FAISS only (no SQL, no files): the reader hands a :class:`Searcher` the vectors, their
+example ids and the FAISS index of one version, and the id sets that a filter or deletions
+leave in or out; it returns scores and example ids. Every score it returns is an exact inner
+product: an approximate FAISS index only proposes candidates, which are re-ranked exactly from
+the stored vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, ExampleNotFound
+from .store import FaissConfig, ScaledRows, exact_topk, relative_scale, search_faiss
+
+__all__ = [
+    "DIRECTIONS",
+    "EXACT_SCAN_LIMIT",
+    "IdRows",
+    "Searcher",
+    "as_queries",
+    "check_search",
+    "histogram",
+    "relative_vectors",
+]
+
+EXACT_SCAN_LIMIT = 200_000
+"""A filter matching at most this many examples is searched by an exact scan of their rows."""
+
+DIRECTIONS = ("proponents", "opponents")
+
+SCORE_WINDOW = 65536
+"""Rows multiplied at once by :meth:`Searcher.scores` (bounds the memory of a full scan)."""
+
+Vectors = np.ndarray | ScaledRows
+
+
+def check_search(k: int, direction: str) -> None:
+    """Raise :class:`ConfigError` unless ``k`` is a positive integer and ``direction`` known."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"`direction` must be one of {list(DIRECTIONS)}, got {direction!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"`k` must be a positive integer, got {k!r}")
+
+
+def as_queries(queries: Any, dim: int) -> np.ndarray:
+    """Query vectors as float32 ``[Q, dim]`` (one vector ``[dim]`` becomes ``[1, dim]``).
+
+    Raises:
+        ConfigError: they are not ``[Q, dim]``.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ConfigError(f"queries must be [Q, {dim}], got {tuple(q.shape)}")
+    return q
+
+
+def relative_vectors(vectors: np.ndarray, self_influence: np.ndarray,
+                     eps: float | None = None) -> ScaledRows:
+    """The vectors of relative influence, ``v_i / sqrt(max(self-influence_i, eps))`` (RelatIF,
+    Barshan et al. 2020), computed on access from the one stored matrix."""
+    return ScaledRows(vectors, relative_scale(self_influence, eps)[0])
+
+
+def histogram(values: np.ndarray, bins: int = 40, *, log: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram ``(edges [bins+1], counts [bins])`` of ``values``; with ``log``, of the positive
+    ones in bins evenly spaced in log10 (self-influence is heavy-tailed). No values give
+    ``[0, 1]`` split evenly, with zero counts.
+
+    Raises:
+        ConfigError: ``bins`` is not an integer in [1, 1000].
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 1000:
+        raise ConfigError(f"`bins` must be an integer in [1, 1000], got {bins!r}")
+    live = np.asarray(values)
+    if log:
+        live = live[live > 0]
+    if not len(live):
+        return np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64)
+    if log:
+        edges = np.logspace(np.log10(live.min()), np.log10(live.max()), bins + 1)
+        counts, edges = np.histogram(live, bins=edges)
+    else:
+        counts, edges = np.histogram(live, bins=bins)
+    return edges, counts
+
+
+class IdRows:
+    """Example ids ``[N]`` (one per stored vector) and the way back from an id to its row.
+
+    Args:
+        ids: the example id of each row of the vectors.
+        label: what the ids belong to, for error messages (``index 'x' version 3``).
+    """
+
+    def __init__(self, ids: np.ndarray, *, label: str = "the index") -> None:
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.label = label
+        self._order = np.argsort(self.ids, kind="stable")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row numbers of example ``ids``, in their order.
+
+        Raises:
+            ExampleNotFound: an id has no row.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self.ids):
+            if len(ids):
+                raise ExampleNotFound(f"some ids are not in {self.label}")
+            return np.zeros(0, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids, sorter=self._order)
+        pos = np.clip(pos, 0, len(self.ids) - 1)
+        rows = self._order[pos]
+        if len(ids) and not np.array_equal(self.ids[rows], ids):
+            raise ExampleNotFound(f"some ids are not in {self.label}")
+        return rows
+
+
+class Searcher:
+    """Top-``k`` search over ``vectors [N, dim]`` whose rows are the examples of ``rows``.
+
+    Args:
+        vectors: the stored vectors (a memmap, or :class:`ScaledRows` for relative influence).
+        rows: their example ids.
+        index: a FAISS index over the same vectors, with the same ids; ``None`` scans exactly.
+        config: how that index is searched (oversampling and re-ranking when approximate).
+        scan_limit: an ``include`` set of at most this many ids is scanned exactly, a larger
+            one selected inside the FAISS search.
+    """
+
+    def __init__(self, vectors: Vectors, rows: IdRows, *, index: Any | None = None,
+                 config: FaissConfig | None = None, scan_limit: int = EXACT_SCAN_LIMIT) -> None:
+        if vectors.shape[0] != len(rows):
+            raise ConfigError(f"one id per vector needed: {vectors.shape[0]} vectors, "
+                              f"{len(rows)} ids")
+        self.vectors = vectors
+        self.rows = rows
+        self.index = index
+        self.config = config or FaissConfig()
+        self.scan_limit = scan_limit
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def top_k(
+        self, queries: np.ndarray, k: int, *, direction: str = "proponents",
+        include: np.ndarray | None = None, exclude: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` proponents (highest scores) or opponents (lowest) of each query.
+
+        Args:
+            queries: ``[Q, dim]`` float32 (:func:`as_queries`).
+            k: results per query.
+            direction: ``proponents``, or ``opponents`` (the search of the negated query).
+            include: only these example ids may be returned (a metadata filter's matches).
+            exclude: these example ids may not be returned (deleted examples).
+
+        Returns:
+            ``(scores, ids)``, ``[Q, k]`` each, strongest first; missing results (fewer than
+            ``k`` candidates) have id -1 and score ∓inf.
+        """
+        check_search(k, direction)
+        sign = 1.0 if direction == "proponents" else -1.0
+        signed = sign * np.asarray(queries, dtype=np.float32)
+        if self.index is None and include is None:  # no FAISS index: scan the allowed rows
+            include = np.setdiff1d(self.rows.ids, exclude if exclude is not None else [])
+            exclude = None
+        if include is not None and (len(include) <= self.scan_limit or self.index is None):
+            s, rows = exact_topk(self.vectors, self.rows.rows(np.sort(include)), signed, k)
+            ids = np.where(rows >= 0, self.rows.ids[np.maximum(rows, 0)], -1)
+        elif self.config.exact:
+            s, ids = search_faiss(self.index, self.config, signed, k, include=include,
+                                  exclude=exclude)
+        else:
+            wide = min(self.count, k * self.config.oversample)
+            _, candidates = search_faiss(self.index, self.config, signed, wide,
+                                         include=include, exclude=exclude)
+            s, ids = self.rerank(signed, candidates, k)
+        return sign * s, ids
+
+    def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-``k`` ``(scores, ids)`` ``[Q, k]`` among each query's candidate ids
+        ``[Q, C]`` (-1 for none), scored from the stored vectors."""
+        s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for i in range(len(queries)):
+            c = np.sort(candidates[i][candidates[i] >= 0])
+            if not len(c):
+                continue
+            rows = self.rows.rows(c)
+            by_row = np.argsort(rows, kind="stable")  # read the memmap in file order
+            c = c[by_row]
+            sc = queries[i : i + 1] @ np.asarray(self.vectors[rows[by_row]], dtype=np.float32).T
+            top = np.argsort(-sc[0], kind="stable")[:k]
+            s[i, : len(top)], ids[i, : len(top)] = sc[0][top], c[top]
+        return s, ids
+
+    def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact scores ``[Q, len(rows)]`` against the given row numbers, in their order."""
+        out = np.zeros((len(queries), len(rows)), dtype=np.float32)
+        for lo in range(0, len(rows), SCORE_WINDOW):
+            part = rows[lo : lo + SCORE_WINDOW]
+            out[:, lo : lo + len(part)] = queries @ np.asarray(self.vectors[part],
+                                                                dtype=np.float32).T
+        return out
