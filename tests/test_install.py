@@ -80,9 +80,9 @@ def test_the_wheel_ships_one_namespace_with_its_migrations_and_page(wheel: Path)
 
 def _serve(bin_dir: Path, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    log = open(cwd / "serve.log", "wb")  # noqa: SIM115 - the process owns it until it ends
-    proc = subprocess.Popen([str(bin_dir / "gradindex"), "serve", "--port", str(port)],
-                            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(cwd / "serve.log", "wb") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen([str(bin_dir / "gradindex"), "serve", "--port", str(port)],
+                                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

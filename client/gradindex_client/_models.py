@@ -188,3 +188,4 @@ class Health(_Model):
     auth: bool
     indexes: int
     devices: list[str]
+    workers: int = 0
