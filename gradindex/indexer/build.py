@@ -60,7 +60,8 @@ def build(
         hooks: called at the named points of a build (default: none).
 
     Returns:
-        The published version's database id, or ``None`` when this was one shard of several.
+        The published version's number (1, 2, 3, ... within the index), or ``None`` when
+        this was one shard of several.
     """
     staging = stage(config, settings, progress=progress, featurizer=featurizer, hooks=hooks)
     if config.shards > 1:

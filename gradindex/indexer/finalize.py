@@ -347,7 +347,7 @@ def finalize(
         hooks: called at the named points of :data:`~.build_config.FinalizePoint`.
 
     Returns:
-        The database id of the published version.
+        The published version's number (1, 2, 3, ... within the index).
 
     Raises:
         ConfigError: the Fisher kind is not the staged one.
@@ -373,7 +373,7 @@ def finalize(
         run.publish(manifest)
     log.info("index %r version %d (id %d) published: %d vectors of dim %d in %.1fs", name,
              version.number, version.id, run.total, run.dim, time.perf_counter() - started)
-    return version.id
+    return version.number
 
 
 def refinalize(
@@ -393,7 +393,7 @@ def refinalize(
     publishes become those a later plain ``finalize`` uses.
 
     Returns:
-        The database id of the published version.
+        The published version's number (1, 2, 3, ... within the index).
 
     Raises:
         ConfigError: ``fisher`` differs from the staged Fisher kind.

@@ -52,10 +52,16 @@ class Index:
         self.name = name
         self.settings = settings
         self.engine = engine
-        self.version = int(version.id)
+        self.version_id = int(version.id)
+        """The database's id of this version (never reused; its rows' ids are the FAISS ids)."""
+        self.version = int(version.number or version.id)
+        """The version number users see: 1, 2, 3, ... within this index."""
+        self.build_id = str(version.build_id or "")
+        """A random id of the finalize that wrote this version."""
         self.files = VersionFiles.open(settings.data_dir / version.path, name=name,
-                                       version=self.version)
-        self.examples = ExampleStore(engine, name=name, version=self.version)
+                                       version=self.version, version_id=self.version_id,
+                                       build_id=self.build_id or None)
+        self.examples = ExampleStore(engine, name=name, version=self.version_id)
         self.files.check(*self.examples.row_ids())
         self._rows = IdRows(self.files.ids, label=f"index {name!r} version {self.version}")
         self.searcher = Searcher(self.files.vectors, self._rows, index=self.files.faiss,
@@ -95,10 +101,16 @@ class Index:
         """Whether relative influence searches its own FAISS index (else an exact scan)."""
         return self.files.relative_faiss is not None
 
+    @property
+    def identity(self) -> tuple[int, str]:
+        """What tells this version from any other, ever: its id and its build id."""
+        return self.version_id, self.build_id
+
     def is_current(self) -> bool:
         """Whether this is still the published version."""
         with Session(self.engine) as session:
-            return int(current_version(session=session, name=self.name).id) == self.version
+            row = current_version(session=session, name=self.name)
+            return (int(row.id), str(row.build_id or "")) == self.identity
 
     @functools.cached_property
     def self_influence_values(self) -> np.ndarray:

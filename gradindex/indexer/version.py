@@ -60,20 +60,32 @@ class VersionFiles:
     relative_faiss: Any | None
     """The FAISS index of relative influence; None for versions written before it existed."""
 
-    def __init__(self, folder: Path, *, name: str, version: int) -> None:
+    def __init__(self, folder: Path, *, name: str, version: int, version_id: int | None = None,
+                 build_id: str | None = None) -> None:
         self.folder = Path(folder)
         self.name = name
         self.version = version
+        self.version_id = version if version_id is None else version_id
+        self.build_id = build_id
 
     @classmethod
-    def open(cls, folder: Path, *, name: str, version: int) -> VersionFiles:
+    def open(cls, folder: Path, *, name: str, version: int, version_id: int | None = None,
+             build_id: str | None = None) -> VersionFiles:
         """Read a version's files.
+
+        Args:
+            version: the number users see (in messages).
+            version_id: the database's id of the version, which the manifest must name.
+            build_id: the database's build id of the version; the manifest must carry the same
+                (when it has one), so the files of one build are never paired with another's
+                rows.
 
         Raises:
             StorageError: a file is missing, empty, truncated or unreadable, or the files
-                disagree with each other or with the manifest.
+                disagree with each other, with the manifest or with the database's version.
         """
-        files = cls(folder, name=name, version=version)
+        files = cls(folder, name=name, version=version, version_id=version_id,
+                    build_id=build_id)
         if not files.folder.is_dir():
             raise files._error(f"the folder of version {version} is missing from the data "
                                "directory", manifest=True)
@@ -138,8 +150,11 @@ class VersionFiles:
             raise bad(f"is not a manifest ({type(exc).__name__}: {exc})") from exc
         if not isinstance(manifest, dict):
             raise bad("is not a JSON object")
-        if manifest.get("version", self.version) != self.version:
-            raise bad(f"belongs to version {manifest.get('version')}")
+        if manifest.get("version", self.version_id) != self.version_id:
+            raise bad(f"belongs to another version (id {manifest.get('version')})")
+        if self.build_id and manifest.get("build_id") not in (None, self.build_id):
+            raise bad("belongs to another build of this version (its build id differs from the "
+                      "database's)")
         return manifest
 
     def _read(self, file: str, load: Callable[[Path], T]) -> T:

@@ -108,8 +108,9 @@ class Served:
 
 @dataclass
 class _Refused:
-    version: int | None
-    """The version that failed to open (None: not even its number could be read)."""
+    version: tuple[int, str] | None
+    """The identity (id, build id) of the version that failed to open (None: not even that
+    could be read)."""
     message: str
     checked: float
     """When the refusal was last confirmed (monotonic seconds)."""
@@ -185,7 +186,7 @@ class IndexRegistry:
         except IndexNotFound:
             self._forget(name)
             raise
-        if served is not None and served.index.version == current:
+        if served is not None and served.index.identity == current:
             served.checked = now
             return served
         if (served is None and refused is not None and refused.version == current
@@ -194,7 +195,7 @@ class IndexRegistry:
             raise IndexUnavailable(refused.message)
         async with self._lock:  # another request may have opened or refused it meanwhile
             again = self._served.get(name)
-            if again is not None and again.index.version == current:
+            if again is not None and again.index.identity == current:
                 return again
             late = self._refused.get(name)
             if late is not None and late.version == current and late.tried >= now:
@@ -207,9 +208,11 @@ class IndexRegistry:
             if name not in names:
                 self._forget(name)
 
-    def _current_version(self, name: str) -> int:
+    def _current_version(self, name: str) -> tuple[int, str]:
+        """The identity (id, build id) of the published version of ``name``."""
         with Session(connect(self.storage)) as session:
-            return int(current_version(session=session, name=name).id)
+            row = current_version(session=session, name=name)
+            return int(row.id), str(row.build_id or "")
 
     async def _open(self, name: str) -> Served:
         """Open the current version of ``name`` (the caller holds the lock).
@@ -219,7 +222,7 @@ class IndexRegistry:
             IndexUnavailable: anything else went wrong; the index is refused.
         """
         now = time.monotonic()
-        version: int | None = None
+        version: tuple[int, str] | None = None
         try:
             version = await asyncio.to_thread(self._current_version, name)
             index = await asyncio.to_thread(open_index, name, self.storage)
@@ -253,7 +256,7 @@ class IndexRegistry:
         self._retire_unused()
         return served
 
-    def _refuse(self, name: str, version: int | None, exc: BaseException) -> IndexUnavailable:
+    def _refuse(self, name: str, version: tuple[int, str] | None, exc: BaseException) -> IndexUnavailable:
         reason = failure_reason(exc, self.storage.data_dir)
         reason = reason.removeprefix(f"index {name!r}: ")  # the message names it already
         message = f"index {name!r} cannot be served: {reason}"

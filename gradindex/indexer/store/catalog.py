@@ -214,8 +214,8 @@ def list_index_rows(*, session: Session) -> list[dict[str, Any]]:
         out.append({
             "name": index.name,
             "created_at": index.created_at,
-            "version": None if version is None else version.id,
-            "number": None if version is None else version.number,
+            "version": None if version is None else version.number,
+            "version_id": None if version is None else version.id,
             "build_id": None if version is None else version.build_id,
             "count": 0 if version is None else version.count - deleted,
             "deleted": deleted,
