@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query clean
+.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
+
+# A .venv with CPU torch, gradindex in editable mode and the test and bench tools.
+install: $(STAMP)
 
 # Train the digits classifier, index it and serve it (reuses what is built): on 127.0.0.1:8000,
 # or GRADINDEX_HOST/GRADINDEX_PORT, or `make demo HOST=... PORT=...`.

@@ -1,5 +1,5 @@
-"""The ``gradindex`` command line: build, finalize, list, info, refinalize, delete, serve, demo,
-keys, db upgrade.
+"""The ``gradindex`` command line: build, finalize, list, info, refinalize, repair, delete, serve,
+demo, keys, db upgrade.
 
 Start-up stays light: the module imports typer, rich, the settings and the strategy names
 (:mod:`.indexer.registry`) only. Torch, FAISS and the server are imported inside the commands
@@ -321,6 +321,26 @@ def info_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
 
     row = index_info(_settings(), name)
     out.print_json(json.dumps(row, default=str))
+
+
+@app.command("repair")
+def repair_cmd(
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    task: Annotated[str | None, typer.Option(
+        show_default="the spec the index recorded",
+        help="Task spec that loads the task now: package.module:Name or file.py:Name.")] = None,
+    task_arg: Annotated[list[str] | None, typer.Option(
+        show_default=False,
+        help="Constructor argument KEY=VALUE replacing the recorded one (JSON when it parses); "
+             "repeatable.")] = None,
+) -> None:
+    """Re-point an index at its task (moved, renamed, or recorded by absolute path) and check
+    that it loads the same model weights; no pass over the training data."""
+    from .indexer.repair import repair
+
+    done = repair(_settings(), name, task=task, task_args=parse_task_args(task_arg or []))
+    err.print(f"index {name!r} version {done['version']} now loads its task from "
+              f"{done['task']}", highlight=False, soft_wrap=True)
 
 
 @app.command("delete")

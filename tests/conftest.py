@@ -153,7 +153,8 @@ def free_port() -> int:
 class LiveServer:
     """``gradindex serve`` in a subprocess on a free loopback port, until :meth:`stop`."""
 
-    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+    def __init__(self, settings: Settings, log_path: Path, *, cwd: Path = REPO,
+                 **env: str) -> None:
         import os
         import subprocess
 
@@ -166,7 +167,7 @@ class LiveServer:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [*GRADINDEX, "serve", "--port", str(self.port)],
-            cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 120) -> LiveServer:
         import time

@@ -218,6 +218,14 @@ class ChunkFlusher:
 # ----------------------------------------------------------------------------- stage
 
 
+def staging_identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What a staging folder's vectors depend on: its settings, with the task named by its
+    recorded content rather than the paths it was copied from (shards on other machines, or a
+    task re-pointed by ``gradindex repair``, see other paths)."""
+    task = info["task"]
+    return {**info, "task": task_identity(task) if "source" in task else task}
+
+
 def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> Staging:
     """The staging folder of these settings (created, or checked to match), with the build's
     requested finalize settings recorded in its ``build.json``."""
@@ -232,12 +240,10 @@ def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> 
         "layout": feat.describe(),
         "blocks": [vars(b) for b in feat.blocks],
     }
-    # The key names what the vectors depend on: the task's recorded content, not where its
-    # files happened to be (shards on other machines see other paths).
-    keyed = {**info, "task": task_identity(task)}
-    key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(staging_identity(info), sort_keys=True).encode()
+                         ).hexdigest()[:16]
     staging = Staging(staging_root(settings, config.name) / key)
-    staging.init(info)
+    staging.init(info, staging_identity)
     staging.save_finalize_settings(preconditioner=pcfg.to_json(), faiss=config.faiss.to_json(),
                                    window=config.window)
     return staging

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,19 +103,28 @@ class Staging:
 
     # ------------------------------------------------------------------ settings
 
-    def init(self, info: dict[str, Any]) -> None:
-        """Create the folder with its settings, or check they match the existing ones."""
+    def init(self, info: dict[str, Any],
+             identity: Callable[[dict[str, Any]], Any] = lambda info: info) -> None:
+        """Create the folder with its settings, or check they match the existing ones.
+
+        Args:
+            identity: what of the settings must match (default: all of them).
+        """
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         path = self.root / INFO_NAME
         if path.exists():
-            if self.info() != json.loads(json.dumps(info)):
+            if identity(self.info()) != identity(json.loads(json.dumps(info))):
                 raise GradindexError(
                     f"staging folder {str(self.root)!r} holds different settings; delete it "
                     "or build under another name"
                 )
             return
         write_atomic(path, json.dumps(info, indent=2, sort_keys=True).encode())
+
+    def save_info(self, info: dict[str, Any]) -> None:
+        """Replace the settings (``gradindex repair`` re-records a moved task this way)."""
+        write_atomic(self.root / INFO_NAME, json.dumps(info, indent=2, sort_keys=True).encode())
 
     def info(self) -> dict[str, Any]:
         path = self.root / INFO_NAME

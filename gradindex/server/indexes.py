@@ -256,7 +256,8 @@ class IndexRegistry:
         self._retire_unused()
         return served
 
-    def _refuse(self, name: str, version: tuple[int, str] | None, exc: BaseException) -> IndexUnavailable:
+    def _refuse(self, name: str, version: tuple[int, str] | None, exc: BaseException
+                ) -> IndexUnavailable:
         reason = failure_reason(exc, self.storage.data_dir)
         reason = reason.removeprefix(f"index {name!r}: ")  # the message names it already
         message = f"index {name!r} cannot be served: {reason}"
