@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -86,6 +87,23 @@ def test_unreachable_database(tmp_path: object) -> None:
                         database_url="postgresql+psycopg://postgres@127.0.0.1:9/none")
     code, out = invoke(settings, "list")
     assert code == 1 and "cannot reach the database" in out and "Traceback" not in out
+
+
+def test_serve_refuses_an_unmigrated_postgresql_in_one_line(
+    pg_databases: Callable[[], str], tmp_path: Path
+) -> None:
+    """The server never migrates PostgreSQL (replicas would race): it names the command."""
+    settings = Settings(data_dir=tmp_path, database_url=pg_databases())
+    done = subprocess.run([*GRADINDEX, "serve", "--port", "0"], cwd=REPO, timeout=120,
+                          env={**os.environ, **storage_env(settings)}, capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "gradindex db upgrade" in done.stderr
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(settings.url)
+    assert "examples" not in inspect(engine).get_table_names()  # nothing was migrated
+    engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
