@@ -330,7 +330,7 @@ def repair_cmd(
         show_default="the spec the index recorded",
         help="Task spec that loads the task now: package.module:Name or file.py:Name.")] = None,
     task_arg: Annotated[list[str] | None, typer.Option(
-        show_default=False,
+        metavar="KEY=VALUE", show_default="the arguments the index recorded",
         help="Constructor argument KEY=VALUE replacing the recorded one (JSON when it parses); "
              "repeatable.")] = None,
 ) -> None:
