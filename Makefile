@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query clean
+.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query bench-build clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ unit: $(STAMP)
 test: lint unit
 
 # Long measurements; each writes its tables (and plots) and bench/RESULTS.md says which ran.
-bench: bench-featurize bench-fidelity bench-query bench-index
+bench: bench-featurize bench-fidelity bench-query bench-index bench-build
 
 bench-featurize: $(STAMP)
 	$(BIN)/python bench/featurize.py
@@ -49,6 +49,10 @@ bench-query: $(STAMP)
 # About 45 minutes and 11 GB at 1e6 vectors.
 bench-index: $(STAMP)
 	$(BIN)/python bench/index_scale.py
+
+# The whole CLI build against plain training epochs, with a breakdown per stage (~5 minutes).
+bench-build: $(STAMP)
+	$(BIN)/python bench/build_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
