@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradindex.indexer.build import BuildConfig, BuildHooks, build  # noqa: E402
 from gradindex.indexer.settings import Settings  # noqa: E402
 
-TASK_FILE = '''"""Rows of arrays saved beside this file; payloads reference rows (bench/build_cost.py)."""
+TASK_FILE = '''"""Rows of arrays saved beside this file; payloads reference rows."""
 
 from pathlib import Path
 
@@ -209,8 +209,8 @@ def measure(name: str, quick: bool, root: Path, say: Callable[[str], None]) -> d
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "weights.safetensors"))
     total, stages = run_build(folder, root / f"{name}-data-inproc", "cost")
-    say("  build in process: %.2f s (%s)" % (total, ", ".join(
-        f"{k} {v:.2f}" for k, v in stages.items())))
+    breakdown = ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+    say(f"  build in process: {total:.2f} s ({breakdown})")
     cli = run_cli(folder, root / f"{name}-data-cli", "cost")
     say(f"  gradindex build (CLI): {cli:.2f} s = {cli / epoch:.2f} epochs")
     versions = root / f"{name}-data-cli" / "indexes" / "cost" / "versions"
