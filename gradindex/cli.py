@@ -223,6 +223,10 @@ def build_cmd(
     faiss: Annotated[FaissKind, typer.Option(help="FAISS index.")] = DEFAULT_FAISS,
     fp16: Annotated[bool, typer.Option(
         "--fp16/--no-fp16", help="Store FAISS codes as float16.")] = False,
+    pq: Annotated[int | None, typer.Option(
+        show_default="unset: full codes",
+        help="`ivf` only: product-quantized codes of PQ bytes per vector (PQ divides the "
+             "dimension); results are re-ranked exactly from the stored vectors.")] = None,
     shard: Annotated[str | None, typer.Option(
         metavar="i/n", show_default="RANK/WORLD_SIZE under torchrun, else 0/1",
         help="Stage only shard i of n.")] = None,
@@ -238,7 +242,7 @@ def build_cmd(
                                       masks=masks, seed=seed, batch_size=batch_size),
         preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
                                             damping=damping),
-        faiss=FaissConfig(kind=faiss, fp16=fp16), shard=i, shards=n,
+        faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), shard=i, shards=n,
         chunk_size=chunk_size, window=window,
     )
     settings = _settings()
@@ -307,7 +311,8 @@ def list_cmd() -> None:
         fa = m.get("faiss", {})
         table.add_row(
             row["name"], str(row["version"] or "-"), str(row["count"]), str(m.get("dim", "-")),
-            f"{fa.get('kind', '-')}{' fp16' if fa.get('fp16') else ''}",
+            f"{fa.get('kind', '-')}{' fp16' if fa.get('fp16') else ''}"
+            f"{' PQ' + str(fa['pq']) if fa.get('pq') else ''}",
             f"{pre.get('shape', '-')}/{pre.get('fisher', '-')} λ={pre.get('damping', '-')}",
             str(row["published_at"] or "-")[:19],
         )

@@ -188,15 +188,25 @@ def test_list_info_delete(settings: Settings, featurizer: Featurizer) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=False)
-@pytest.mark.parametrize("kind,fp16", [("hnsw", True), ("ivf", False), ("flat", True)])
+@pytest.mark.parametrize("kind,fp16,pq", [("hnsw", True, False), ("ivf", False, False),
+                                           ("ivf", False, True), ("flat", True, False)])
 def test_approximate_index_returns_exact_scores(
     settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor,
-    kind: str, fp16: bool,
+    kind: str, fp16: bool, pq: bool,
 ) -> None:
-    build(make_config(faiss=FaissConfig(kind=kind, fp16=fp16, nprobe=4)), settings,
+    dim = reference.vectors.shape[1]
+    codes = next(p for p in (8, 4, 2, 1) if dim % p == 0) if pq else None  # bytes per vector
+    build(make_config(faiss=FaissConfig(kind=kind, fp16=fp16, nprobe=4, pq=codes)), settings,
           featurizer=featurizer)
     index = open_index("digits", settings)
     assert 0.0 < index.manifest["faiss"]["recall_at_10_reranked"] <= 1.0
+    if pq:  # FAISS holds `codes` bytes per vector, not a float copy of the vectors
+        import faiss
+
+        folder = next((settings.data_dir / "indexes" / "digits" / "versions").glob("v*"))
+        outer = faiss.read_index(str(folder / "index.faiss"))  # owns the inner index
+        stored = faiss.downcast_index(outer.index)
+        assert isinstance(stored, faiss.IndexIVFPQ) and stored.code_size == codes
     ref = (queries @ reference.vectors.T).numpy()
     by_id = {i: n for n, i in enumerate(reference.ids)}
     for q, hits in enumerate(index.search(queries, K)):
