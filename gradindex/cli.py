@@ -255,6 +255,34 @@ def build_cmd(
         err.print(f"index {name!r} version {version} published")
 
 
+@app.command("add")
+def add_cmd(
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    task: Annotated[str, typer.Option(
+        help="Task spec whose examples() yield the new examples (package.module:Name or "
+             "file.py:Name); ids the index holds are skipped, its model must be the index's.")],
+    task_arg: Annotated[list[str] | None, typer.Option(
+        metavar="KEY=VALUE", show_default="none",
+        help="Task constructor argument (JSON when it parses); repeatable.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        show_default="the index's", help="Examples per model pass.")] = None,
+) -> None:
+    """Add new training examples to an index: featurize only them, with the index's masks and
+    preconditioner, and publish a version holding old and new (`refinalize` refits later)."""
+    from .indexer.append import add
+    from .indexer.task import TaskSpec
+
+    settings = _settings()
+    with _progress() as progress:
+        done = add(settings, name, TaskSpec(task, parse_task_args(task_arg or [])),
+                   batch_size=batch_size, progress=progress)
+    if done.version is None:
+        err.print(f"index {name!r}: nothing to add ({done.skipped} examples already indexed)")
+    else:
+        err.print(f"index {name!r} version {done.version} published: {done.added} examples "
+                  f"added ({done.skipped} already indexed)")
+
+
 @app.command("finalize")
 def finalize_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """Merge every staged shard of an index, fit the preconditioner and publish."""

@@ -363,6 +363,7 @@ def finalize(
     _check_fisher(name, info, pcfg)
     started = time.perf_counter()
     with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of index {name!r}"):
+        staging.discard_unrecorded()  # the chunks of an add killed before it recorded them
         run = Finalizer(settings, name, staging, preconditioner=pcfg, faiss=fcfg, window=window,
                         progress=progress, hooks=hooks or NO_HOOKS)
         run.check_ids()
@@ -420,7 +421,9 @@ def refinalize(
     pcfg = replace(old, **changes)
     fitted = None
     precond_path = settings.data_dir / version.path / "precond.npz"
-    if pcfg.shape == old.shape and pcfg.fisher == old.fisher and precond_path.exists():
+    # after `gradindex add` the preconditioner was fitted without the added examples: refit
+    if (pcfg.shape == old.shape and pcfg.fisher == old.fisher and precond_path.exists()
+            and "added" not in manifest):
         fitted = Preconditioner.load(precond_path)
     fcfg = faiss or FaissConfig.from_json(manifest["faiss"])
     return finalize(settings, name, staging=staging, preconditioner=pcfg, faiss=fcfg,

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 INFO_NAME = "staging.json"
 SETTINGS_NAME = "build.json"
+APPENDED_NAME = "appended.json"
+"""The total after ``gradindex add`` staged examples beyond the build's."""
+
 _CHUNK = re.compile(r"s(\d+)of(\d+)-(\d+)")
 
 MAX_NAMED = 5
@@ -218,8 +221,35 @@ class Staging:
         data = json.dumps({"shard": shard, "shards": shards, "total": total}).encode()
         write_atomic(self.shards_dir / f"s{shard}of{shards}.json", data)
 
+    def mark_appended(self, total: int) -> None:
+        """Record that examples were staged after the build's, up to position ``total``
+        (``gradindex add``): one atomic write, so a kill before it leaves the old total."""
+        write_atomic(self.root / APPENDED_NAME, json.dumps({"total": total}).encode())
+
+    def discard_unrecorded(self) -> int:
+        """Remove chunks beyond the recorded total (an add killed before it recorded them).
+
+        Returns:
+            How many chunks were removed.
+        """
+        total = self.total()
+        if total is None:
+            return 0
+        removed = 0
+        for d in self.chunk_dirs():
+            if int(np.load(d / "positions.npy").min(initial=total)) >= total:
+                shutil.rmtree(d)
+                removed += 1
+        if removed:
+            fsync_dir(self.chunks_dir)
+        return removed
+
     def total(self) -> int | None:
-        """How many examples the task has, once any shard has seen them all."""
+        """How many examples the task has, once any shard has seen them all (or, after
+        ``gradindex add``, how many the build and the adds staged together)."""
+        appended = self.root / APPENDED_NAME
+        if appended.exists():
+            return int(json.loads(appended.read_text())["total"])
         totals = set()
         if self.shards_dir.is_dir():
             for p in self.shards_dir.glob("s*of*.json"):
@@ -243,11 +273,13 @@ class Staging:
 
     # ------------------------------------------------------------------ reading
 
-    def windows(self, window: int) -> Iterator[StagedWindow]:
-        """Every staged example in position order, ``window`` at a time, read by memory map.
+    def windows(self, window: int, start: int = 0) -> Iterator[StagedWindow]:
+        """Every staged example from position ``start`` in position order, ``window`` at a
+        time, read by memory map.
 
-        The grouping depends only on ``window`` and the total, never on how the chunks were
-        split across shards or runs, so the Fisher sums come out the same bit for bit.
+        The grouping depends only on ``window``, ``start`` and the total, never on how the
+        chunks were split across shards or runs, so the Fisher sums come out the same bit for
+        bit.
         """
         total = self.total()
         if total is None or not self.complete():
@@ -281,7 +313,7 @@ class Staging:
                 cache.popitem(last=False)
             return cache[c]
 
-        for lo in range(0, total, window):
+        for lo in range(start, total, window):
             hi = min(lo + window, total)
             raws, fishers, records = [], [], []
             for p in range(lo, hi):
