@@ -208,6 +208,16 @@ class ExampleStore:
                                    .limit(limit)).all()
             return [_hit(r, r.self_influence) for r in rows]
 
+    def live_ids(self, external_ids: Sequence[str]) -> set[str]:
+        """Which of ``external_ids`` are live examples of this version."""
+        wanted = list({str(i) for i in external_ids})
+        found: set[str] = set()
+        with Session(self.engine) as session:
+            for lo in range(0, len(wanted), 10_000):
+                found.update(session.scalars(select(ExampleRow.external_id).where(
+                    *self._live(), ExampleRow.external_id.in_(wanted[lo : lo + 10_000]))))
+        return found
+
     def by_id(self, external_ids: Sequence[str]) -> dict[str, Hit]:
         """The live examples among ``external_ids``, by external id (missing ones left out)."""
         wanted = [str(i) for i in external_ids]
