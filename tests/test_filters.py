@@ -11,7 +11,13 @@ import pytest
 
 from gradindex import BuildConfig, CompressionConfig, build, open_index
 from gradindex.indexer.errors import ConfigError
-from gradindex.indexer.filters import MAX_DEPTH, MAX_VALUES, MetadataSchema, parse_filter
+from gradindex.indexer.filters import (
+    MAX_DEPTH,
+    MAX_VALUES,
+    MetadataSchema,
+    matches,
+    parse_filter,
+)
 from gradindex.indexer.reader import Index
 from gradindex.indexer.settings import Settings
 from gradindex.indexer.store import upgrade
@@ -112,6 +118,8 @@ def test_every_operator_matches_its_meaning(index: Index, filter: dict[str, Any]
     want = _expected(test)
     assert want, "a case that matches nothing tells nothing"
     assert _n(index, filter) == want
+    node = parse_filter(filter, index.metadata_schema)  # the gallery's in-memory twin
+    assert [n for n in range(N) if matches(node, meta_of(n))] == want
 
 
 def test_a_filtered_search_is_the_top_k_of_the_matching_examples(index: Index) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "MetadataSchema",
     "Node",
     "filter_sql",
+    "matches",
     "parse_filter",
 ]
 
@@ -356,3 +357,39 @@ def filter_sql(node: Node, dialect: str, meta: Any) -> ColumnElement[bool]:
     tests = [func.coalesce(leaf(meta, node.key, op, v), false()) for v in node.values]
     matched = or_(*tests) if len(tests) > 1 else tests[0]
     return not_(matched) if node.op in ("$ne", "$nin") else matched
+
+
+# ------------------------------------------------------------------ in Python
+
+
+def _equal(value: Any, v: Any) -> bool:
+    """JSON equality as the SQL has it: types must agree (true is not 1), numbers compare as
+    numbers (1 equals 1.0)."""
+    kind, other = json_type(value), json_type(v)
+    if _numeric(kind) and _numeric(other):
+        return bool(value == v)
+    return kind == other and kind in ("string", "boolean", "null") and value == v
+
+
+def _compare(value: Any, op: str, v: Any) -> bool:
+    if not _numeric(json_type(value)):
+        return False
+    return bool(getattr(value, f"__{RANGES[op]}__")(v))
+
+
+def matches(node: Node | None, meta: Mapping[str, Any]) -> bool:
+    """Whether metadata ``meta`` matches a parsed filter, with the meaning :func:`filter_sql`
+    gives it in SQL (for what lives outside the database: the task's query gallery)."""
+    if node is None:
+        return True
+    if isinstance(node, Group):
+        parts = (matches(p, meta) for p in node.parts)
+        return all(parts) if node.op == "all" else any(parts)
+    present = node.key in meta
+    value = meta.get(node.key)
+    if node.op == "$exists":
+        return present == node.values[0]
+    if node.op in RANGES:
+        return present and _compare(value, node.op, node.values[0])
+    hit = present and any(_equal(value, v) for v in node.values)
+    return not hit if node.op in ("$ne", "$nin") else hit
