@@ -21,6 +21,7 @@ from gradindex import (
     open_index,
 )
 from gradindex.indexer.compress import FactorizedDropoutCompressor
+from gradindex.indexer.errors import ConfigError
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.tasks import DigitsTask
 from gradindex.indexer.tasks.digits import make_digits_model, train_classifier
@@ -159,7 +160,8 @@ def test_filters_of_every_json_type_equal_brute_force(
         hits = index.search(queries, k, direction=direction, filter=flt, normalize=normalize)
         for q, found in enumerate(hits):
             masked = np.where(keep, sign * values[q], -np.inf)
-            want = np.argsort(-masked, kind="stable")[: min(k, int(keep.sum()))]
+            signed = int((masked > 0).sum())  # proponents score > 0, opponents < 0
+            want = np.argsort(-masked, kind="stable")[: min(k, signed)]
             assert [h.external_id for h in found] == [f"train-{i}" for i in want]
             np.testing.assert_allclose([h.score for h in found], values[q][want],
                                        rtol=1e-3, atol=1e-5)
@@ -171,9 +173,11 @@ def test_filters_compare_json_values_not_text(
     settings, _, metas = tagged
     index = open_index("tagged", settings)
     q = query_vectors(featurizer_for(index), Tagged().test_payloads(1))
-    by_text = index.search(q, 200, filter={"label": "7"})[0]  # a string against ints
-    assert by_text == []
-    ints = index.search(q, 200, filter={"label": 7})[0]
-    assert len(ints) == sum(m["label"] == 7 for m in metas) > 0
-    assert index.search(q, 200, filter={"flag": 1})[0] == []  # true is not 1 in JSON
+    with pytest.raises(ConfigError, match="'label' holds integer values, got string"):
+        index.search(q, 200, filter={"label": "7"})  # a string against ints
+    ints = index.examples.matching({"label": 7})
+    assert ints is not None and len(ints) == sum(m["label"] == 7 for m in metas) > 0
+    assert len(index.examples.matching({"label": 7.0})) == len(ints)  # 7.0 equals 7
+    with pytest.raises(ConfigError, match="'flag' holds boolean values"):
+        index.search(q, 200, filter={"flag": 1})  # true is not 1 in JSON
     assert torch.is_tensor(q)

@@ -38,6 +38,7 @@ CLIENT_API = [
     "Client",
     "ConnectionFailed",
     "Example",
+    "ExamplePage",
     "GradindexHTTPError",
     "Health",
     "IndexDetail",
@@ -53,6 +54,7 @@ CLIENT_API = [
     "SelfInfluencePage",
     "ServiceUnavailable",
     "TrainingExample",
+    "Whoami",
     "__version__",
 ]
 

@@ -118,11 +118,26 @@ def test_bad_arguments_name_the_field(data: tuple[np.ndarray, np.ndarray, np.nda
 
 def test_histogram_linear_log_and_empty() -> None:
     values = np.array([0.0, 1.0, 10.0, 100.0, 1000.0])
-    edges, counts = histogram(values, 3, log=True)  # zero has no logarithm: left out
+    edges, counts = histogram(values, 3, log=True)  # zero has no logarithm: first bin
     np.testing.assert_allclose(edges, [1.0, 10.0, 100.0, 1000.0])
-    assert counts.tolist() == [1, 1, 2]
+    assert counts.tolist() == [2, 1, 2]
     edges, counts = histogram(values, 2)
     np.testing.assert_allclose(edges, [0.0, 500.0, 1000.0])
     assert counts.tolist() == [4, 1]
     edges, counts = histogram(np.zeros(0), 4)
     assert edges.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and counts.tolist() == [0, 0, 0, 0]
+
+
+def test_histogram_counts_a_value_equal_to_the_minimum() -> None:
+    """The first log edge is the minimum itself, not ``10**log10(min)``, which can round past
+    it (the histogram of 1,000 live examples once counted 998)."""
+    candidates = np.linspace(0.1, 0.9, 2001)
+    rounds_up = candidates[10 ** np.log10(candidates) > candidates]
+    assert len(rounds_up), "no value whose log10 round trip rounds up"
+    low = float(rounds_up[0])
+    values = np.concatenate([[low, low], np.linspace(1.0, 50.0, 997), [low * 1e4]])
+    for log in (False, True):
+        edges, counts = histogram(values, 40, log=log)
+        assert int(counts.sum()) == len(values) == 1000
+        assert edges[0] == low and edges[-1] == values.max()
+        assert counts[0] >= 2

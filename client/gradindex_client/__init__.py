@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._models import (
     Example,
+    ExamplePage,
     Health,
     IndexDetail,
     IndexSummary,
@@ -31,6 +32,7 @@ from ._models import (
     SelectResponse,
     SelfInfluencePage,
     TrainingExample,
+    Whoami,
 )
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Client",
     "ConnectionFailed",
     "Example",
+    "ExamplePage",
     "GradindexHTTPError",
     "Health",
     "IndexDetail",
@@ -56,5 +59,6 @@ __all__ = [
     "SelfInfluencePage",
     "ServiceUnavailable",
     "TrainingExample",
+    "Whoami",
     "__version__",
 ]

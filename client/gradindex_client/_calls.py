@@ -3,6 +3,7 @@ paths and bodies, the errors of a failed request and the back-off between retrie
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -92,15 +93,36 @@ class Calls:
     # (its requests forbid unknown fields) still answers the calls that do not use them.
 
     @staticmethod
-    def _influence_body(examples: Sequence[Payload], k: int, direction: str,
+    def _influence_body(examples: Sequence[Payload] | None, k: int, direction: str,
                         filter: dict[str, Any] | None, normalize: bool,
-                        render: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"examples": list(examples), "k": k, "direction": direction,
-                                "normalize": normalize}
+                        render: bool, ids: Sequence[str] | None = None,
+                        include_self: bool = False) -> dict[str, Any]:
+        if (examples is None) == (ids is None):
+            raise ValueError("give exactly one of `examples` (payloads) and `ids` (training "
+                             "example ids)")
+        body: dict[str, Any] = {"k": k, "direction": direction, "normalize": normalize}
+        if ids is not None:
+            if isinstance(ids, str):
+                raise TypeError("`ids` is a list of ids, got one string")
+            body["ids"] = [str(i) for i in ids]
+            if include_self:
+                body["include_self"] = True
+        else:
+            assert examples is not None
+            body["examples"] = list(examples)
         if filter is not None:
             body["filter"] = filter
         if render:
             body["render"] = True
+        return body
+
+    @staticmethod
+    def _scores_body(examples: Sequence[Payload], ids: Sequence[str] | None,
+                     strict: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"examples": list(examples),
+                                "ids": None if ids is None else [str(i) for i in ids]}
+        if ids is not None and not strict:
+            body["missing"] = "skip"
         return body
 
     @staticmethod
@@ -112,10 +134,28 @@ class Calls:
         return body
 
     @staticmethod
-    def _page_params(limit: int, offset: int, ascending: bool, render: bool
-                     ) -> dict[str, Any]:
+    def _page_params(limit: int, offset: int, ascending: bool, render: bool,
+                     filter: dict[str, Any] | None = None,
+                     min_self_influence: float | None = None,
+                     max_self_influence: float | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit, "offset": offset,
                                   "ascending": str(ascending).lower()}
+        if render:
+            params["render"] = "true"
+        if filter is not None:
+            params["filter"] = json.dumps(filter)
+        if min_self_influence is not None:
+            params["min_self_influence"] = repr(float(min_self_influence))
+        if max_self_influence is not None:
+            params["max_self_influence"] = repr(float(max_self_influence))
+        return params
+
+    @staticmethod
+    def _examples_params(limit: int, offset: int, filter: dict[str, Any] | None,
+                         render: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if filter is not None:
+            params["filter"] = json.dumps(filter)
         if render:
             params["render"] = "true"
         return params

@@ -16,6 +16,7 @@ import httpx
 
 from ._calls import DEFAULT_URL, Calls, M, Payload, segment
 from ._models import (
+    ExamplePage,
     Health,
     IndexDetail,
     IndexSummary,
@@ -24,6 +25,7 @@ from ._models import (
     SelectResponse,
     SelfInfluencePage,
     TrainingExample,
+    Whoami,
 )
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
@@ -101,37 +103,53 @@ class Client(Calls):
         """
         return self._get(IndexDetail, "GET", self._index(name))
 
-    def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
+    def influence(self, name: str, examples: Sequence[Payload] | None = None, k: int = 10, *,
+                  ids: Sequence[str] | None = None, include_self: bool = False,
                   direction: str = "proponents", filter: dict[str, Any] | None = None,
                   normalize: bool = False, render: bool = False) -> InfluenceResponse:
-        """The top-``k`` proponents and/or opponents of each test example.
+        """The top-``k`` proponents (score > 0) and/or opponents (score < 0) of each query.
 
         Args:
             name: the index.
             examples: test examples, as the index's task takes them (JSON payloads).
             k: results per example and direction (1 to 1,000).
+            ids: instead of ``examples``, training example ids: their stored vectors are the
+                queries (what drove this training example; its near-duplicates).
+            include_self: with ``ids``, let an example appear in its own results.
             direction: ``"proponents"``, ``"opponents"`` or ``"both"``.
-            filter: search only training examples whose metadata match
-                (``{"label": 3}``, ``{"source": ["wiki", "books"]}``).
+            filter: search only training examples whose metadata match, e.g.
+                ``{"label": 3}``, ``{"source": ["wiki", "books"]}``,
+                ``{"weight": {"$gte": 0.5}}``, ``{"$or": [...]}`` (the README's "Query").
             normalize: rank by relative influence (score / sqrt(self-influence)).
             render: add each hit's ``render`` (how the task shows it).
 
         Returns:
-            One :class:`InfluenceResult` per example, in order.
+            One :class:`InfluenceResult` per example (or id), in order.
+
+        Raises:
+            ValueError: neither or both of ``examples`` and ``ids``.
+            InvalidRequest: a bad filter (unknown key, wrong type), payload or ``k``.
+            NotFound: an id is not a live example of the index.
         """
-        body = self._influence_body(examples, k, direction, filter, normalize, render)
+        body = self._influence_body(examples, k, direction, filter, normalize, render, ids,
+                                    include_self)
         return self._get(InfluenceResponse, "POST", self._index(name, "influence"), json=body)
 
     def scores(self, name: str, examples: Sequence[Payload],
-               ids: Sequence[str] | None = None) -> ScoresResponse:
+               ids: Sequence[str] | None = None, *, strict: bool = False) -> ScoresResponse:
         """Exact scores ``[example][id]`` against ``ids`` (default: every live example).
+
+        By default an id that is not (or no longer) in the index is left out: the answer's
+        ``ids`` are those scored and its ``missing`` lists the others, so one deleted example
+        does not fail the batch. With ``strict=True`` it fails instead.
 
         Args:
             name: the index.
             examples: test examples (task payloads).
             ids: training example ids; None scores every live one.
+            strict: raise :class:`NotFound` when an id is missing.
         """
-        body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
+        body = self._scores_body(examples, ids, strict)
         return self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
@@ -150,7 +168,10 @@ class Client(Calls):
         return self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                       ascending: bool = False, render: bool = False) -> SelfInfluencePage:
+                       ascending: bool = False, render: bool = False,
+                       filter: dict[str, Any] | None = None,
+                       min_self_influence: float | None = None,
+                       max_self_influence: float | None = None) -> SelfInfluencePage:
         """One page of training examples by self-influence (highest first).
 
         Args:
@@ -159,16 +180,22 @@ class Client(Calls):
             offset: examples to skip.
             ascending: lowest self-influence first.
             render: add each example's ``render``.
+            filter: only examples whose metadata match.
+            min_self_influence: only self-influence >= this.
+            max_self_influence: only self-influence < this.
 
         Returns:
-            The page; its ``next_offset`` is None on the last one.
+            The page; its ``next_offset`` is None on the last one, its ``total`` counts every
+            match.
         """
-        params = self._page_params(limit, offset, ascending, render)
+        params = self._page_params(limit, offset, ascending, render, filter,
+                                   min_self_influence, max_self_influence)
         return self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                          params=params)
 
     def iter_self_influence(self, name: str, page_size: int = 100, *,
-                            ascending: bool = False, render: bool = False
+                            ascending: bool = False, render: bool = False,
+                            filter: dict[str, Any] | None = None
                             ) -> Iterator[TrainingExample]:
         """Every live training example by self-influence, fetched a page at a time.
 
@@ -181,6 +208,7 @@ class Client(Calls):
             page_size: examples per request (1 to 1,000).
             ascending: lowest self-influence first.
             render: add each example's ``render``.
+            filter: only examples whose metadata match.
 
         Yields:
             Training examples, highest self-influence first (lowest with ``ascending``).
@@ -192,9 +220,50 @@ class Client(Calls):
         offset: int | None = 0
         while offset is not None:
             page = self.self_influence(name, page_size, offset, ascending=ascending,
-                                       render=render)
+                                       render=render, filter=filter)
             yield from page.results
             offset = page.next_offset
+
+    def examples(self, name: str, limit: int = 100, offset: int = 0, *,
+                 filter: dict[str, Any] | None = None, render: bool = False) -> ExamplePage:
+        """One page of the live training examples, in build order.
+
+        Args:
+            name: the index.
+            limit: examples per page (1 to 1,000).
+            offset: examples to skip.
+            filter: only examples whose metadata match.
+            render: add each example's ``render``.
+
+        Returns:
+            The page; ``total`` counts every match, ``next_offset`` is None on the last page.
+        """
+        params = self._examples_params(limit, offset, filter, render)
+        return self._get(ExamplePage, "GET", self._index(name, "examples"), params=params)
+
+    def iter_examples(self, name: str, page_size: int = 500, *,
+                      filter: dict[str, Any] | None = None, render: bool = False
+                      ) -> Iterator[TrainingExample]:
+        """Every live training example (that matches ``filter``), a page at a time, in build
+        order; e.g. ``pandas.DataFrame(e.model_dump() for e in c.iter_examples("x"))``.
+
+        Raises:
+            ValueError: ``page_size`` is below 1.
+        """
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = self.examples(name, page_size, offset, filter=filter, render=render)
+            yield from page.results
+            offset = page.next_offset
+
+    def whoami(self) -> Whoami:
+        """What this client's key may do: ``scope`` is ``admin``, ``read`` or ``keyless``.
+
+        Raises:
+            AuthenticationError: the server needs a key and this one is missing or unknown.
+        """
+        return self._get(Whoami, "GET", "/v1/whoami")
 
     def example(self, name: str, example_id: str) -> TrainingExample:
         """A live training example by its id.
@@ -281,19 +350,24 @@ class AsyncClient(Calls):
         """One index's size and settings; see :meth:`Client.index`."""
         return await self._get(IndexDetail, "GET", self._index(name))
 
-    async def influence(self, name: str, examples: Sequence[Payload], k: int = 10, *,
-                        direction: str = "proponents", filter: dict[str, Any] | None = None,
-                        normalize: bool = False, render: bool = False) -> InfluenceResponse:
-        """The top-``k`` proponents and/or opponents of each example; see
-        :meth:`Client.influence` for the arguments."""
-        body = self._influence_body(examples, k, direction, filter, normalize, render)
+    async def influence(self, name: str, examples: Sequence[Payload] | None = None,
+                        k: int = 10, *, ids: Sequence[str] | None = None,
+                        include_self: bool = False, direction: str = "proponents",
+                        filter: dict[str, Any] | None = None, normalize: bool = False,
+                        render: bool = False) -> InfluenceResponse:
+        """The top-``k`` proponents and/or opponents of each example (or stored training
+        example, with ``ids``); see :meth:`Client.influence` for the arguments."""
+        body = self._influence_body(examples, k, direction, filter, normalize, render, ids,
+                                    include_self)
         return await self._get(InfluenceResponse, "POST", self._index(name, "influence"),
                                json=body)
 
     async def scores(self, name: str, examples: Sequence[Payload],
-                     ids: Sequence[str] | None = None) -> ScoresResponse:
-        """Exact scores ``[example][id]``; see :meth:`Client.scores`."""
-        body = {"examples": list(examples), "ids": None if ids is None else list(ids)}
+                     ids: Sequence[str] | None = None, *, strict: bool = False
+                     ) -> ScoresResponse:
+        """Exact scores ``[example][id]``, missing ids listed (or, ``strict``, an error); see
+        :meth:`Client.scores`."""
+        body = self._scores_body(examples, ids, strict)
         return await self._get(ScoresResponse, "POST", self._index(name, "scores"), json=body)
 
     async def select(self, name: str, examples: Sequence[Payload], k: int = 10, *,
@@ -304,15 +378,19 @@ class AsyncClient(Calls):
         return await self._get(SelectResponse, "POST", self._index(name, "select"), json=body)
 
     async def self_influence(self, name: str, limit: int = 100, offset: int = 0, *,
-                             ascending: bool = False, render: bool = False
-                             ) -> SelfInfluencePage:
+                             ascending: bool = False, render: bool = False,
+                             filter: dict[str, Any] | None = None,
+                             min_self_influence: float | None = None,
+                             max_self_influence: float | None = None) -> SelfInfluencePage:
         """One page by self-influence; see :meth:`Client.self_influence`."""
-        params = self._page_params(limit, offset, ascending, render)
+        params = self._page_params(limit, offset, ascending, render, filter,
+                                   min_self_influence, max_self_influence)
         return await self._get(SelfInfluencePage, "GET", self._index(name, "self-influence"),
                                params=params)
 
     async def iter_self_influence(self, name: str, page_size: int = 100, *,
-                                  ascending: bool = False, render: bool = False
+                                  ascending: bool = False, render: bool = False,
+                                  filter: dict[str, Any] | None = None
                                   ) -> AsyncIterator[TrainingExample]:
         """Every live training example by self-influence, a page at a time (``async for``);
         see :meth:`Client.iter_self_influence`.
@@ -324,10 +402,35 @@ class AsyncClient(Calls):
         offset: int | None = 0
         while offset is not None:
             page = await self.self_influence(name, page_size, offset, ascending=ascending,
-                                             render=render)
+                                             render=render, filter=filter)
             for example in page.results:
                 yield example
             offset = page.next_offset
+
+    async def examples(self, name: str, limit: int = 100, offset: int = 0, *,
+                       filter: dict[str, Any] | None = None, render: bool = False
+                       ) -> ExamplePage:
+        """One page of the live training examples; see :meth:`Client.examples`."""
+        params = self._examples_params(limit, offset, filter, render)
+        return await self._get(ExamplePage, "GET", self._index(name, "examples"),
+                               params=params)
+
+    async def iter_examples(self, name: str, page_size: int = 500, *,
+                            filter: dict[str, Any] | None = None, render: bool = False
+                            ) -> AsyncIterator[TrainingExample]:
+        """Every live training example, a page at a time (``async for``); see
+        :meth:`Client.iter_examples`."""
+        self._check_page_size(page_size)
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.examples(name, page_size, offset, filter=filter, render=render)
+            for example in page.results:
+                yield example
+            offset = page.next_offset
+
+    async def whoami(self) -> Whoami:
+        """What this client's key may do; see :meth:`Client.whoami`."""
+        return await self._get(Whoami, "GET", "/v1/whoami")
 
     async def example(self, name: str, example_id: str) -> TrainingExample:
         """A live training example by its id; see :meth:`Client.example`."""

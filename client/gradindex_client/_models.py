@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # pandas is optional
 
 __all__ = [
     "Example",
+    "ExamplePage",
     "Health",
     "IndexDetail",
     "IndexSummary",
@@ -21,6 +22,7 @@ __all__ = [
     "SelectResponse",
     "SelfInfluencePage",
     "TrainingExample",
+    "Whoami",
 ]
 
 
@@ -70,10 +72,24 @@ def _rows(examples: list[Example] | list[TrainingExample], payloads: bool = Fals
 
 
 class InfluenceResult(_Model):
-    """The strongest proponents and opponents of one test example."""
+    """The strongest proponents (score > 0) and opponents (score < 0) of one query, how many
+    training examples score on each side of zero, and what the model makes of the query."""
 
+    id: str | None = None
+    """The training id queried (``influence(ids=...)``); None for a payload."""
     proponents: list[Example] = []
     opponents: list[Example] = []
+    positives: int | None = None
+    """How many searched examples score > 0; None when the server did not count them (a large
+    index, with at least ``k`` of them)."""
+    negatives: int | None = None
+    """How many score < 0; None when not counted."""
+    prediction: int | None = None
+    """The model's predicted class (tasks with ``logits``), else None."""
+    confidence: float | None = None
+    """The predicted class's probability, else None."""
+    loss: float | None = None
+    """The task's loss on the query at its own target, else None."""
 
 
 class InfluenceResponse(_Model):
@@ -110,6 +126,9 @@ class ScoresResponse(_Model):
     version: int
     ids: list[str]
     scores: list[list[float]]
+    missing: list[str] = []
+    """Ids asked for that are not live in the index (deleted, or never indexed): left out of
+    ``ids`` and ``scores``."""
 
     def to_pandas(self) -> pandas.DataFrame:
         """Scores as a table: one row per test example, one column per training id."""
@@ -143,6 +162,8 @@ class SelfInfluencePage(_Model):
     offset: int
     next_offset: int | None
     results: list[TrainingExample]
+    total: int | None = None
+    """Live examples matching the filter and bounds, on all pages."""
 
     def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
         """One row per training example: rank (within the page), id, self-influence,
@@ -177,6 +198,34 @@ class IndexDetail(IndexSummary):
     faiss: dict[str, Any]
     relative: bool
     device: str | None
+    metadata_schema: dict[str, Any] | None = None
+    """Metadata keys, their JSON types and (few) values, as recorded at build: what filters
+    are checked against. None for indexes built before it was recorded."""
+
+
+class ExamplePage(_Model):
+    """One page of ``examples`` (training examples in build order); ``total`` match."""
+
+    index: str
+    version: int
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+    results: list[TrainingExample]
+
+    def to_pandas(self, payloads: bool = False) -> pandas.DataFrame:
+        """One row per training example, as :meth:`SelfInfluencePage.to_pandas`."""
+        frame = _pandas().DataFrame(_rows(self.results, payloads))
+        return frame.drop(columns="score", errors="ignore")
+
+
+class Whoami(_Model):
+    """What the client's key may do: scope ``admin``, ``read`` or ``keyless``."""
+
+    scope: Literal["admin", "read", "keyless"] | str
+    auth: bool
+    key: str | None = None
 
 
 class Health(_Model):

@@ -1,7 +1,8 @@
 """The SQL side of a published version: its example rows, as hits, id sets and pages.
 
 An :class:`ExampleStore` reads (and deletes) the rows of one index version: the hits of given
-ids, the ids that match a metadata filter (JSON SQL for SQLite and PostgreSQL alike), the
+ids, the ids that match a metadata filter (:mod:`.filters`: JSON SQL for SQLite and PostgreSQL
+alike, checked against the version's metadata schema), the
 deleted ids, pages by self-influence, and look-ups by id. It never touches the version's files.
 """
 
@@ -13,20 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Engine, and_, func, or_, select, type_coerce, update
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import ColumnElement, Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from .errors import ConfigError, ExampleNotFound, StorageError
+from .filters import MetadataSchema, filter_sql, parse_filter
 from .store import ExampleRow, IndexVersion
 
-__all__ = ["ExampleStore", "Filter", "Hit", "check_filter"]
+__all__ = ["ExampleStore", "Filter", "Hit"]
 
 log = logging.getLogger(__name__)
 
 Filter = Mapping[str, Any]
-"""``{"field": value}`` (equality) or ``{"field": [v1, v2]}`` (membership) on metadata; all
-fields must match."""
+"""A metadata filter: ``{"label": 3}``, ``{"source": ["wiki", "books"]}``,
+``{"weight": {"$gte": 0.5}}``, combined with ``$and``/``$or`` (:mod:`.filters`)."""
 
 
 @dataclass(frozen=True)
@@ -48,53 +49,20 @@ def _hit(row: ExampleRow, score: float) -> Hit:
                float(row.self_influence))
 
 
-def _scalar_ok(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
+def _check_page(limit: int, offset: int) -> None:
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"`limit` must be a positive integer, got {limit!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ConfigError(f"`offset` must be a non-negative integer, got {offset!r}")
 
 
-def check_filter(filter: Filter | None) -> dict[str, list[Any]]:
-    """A metadata filter as ``{field: [allowed values]}`` (empty for none).
-
-    Raises:
-        ConfigError: it is not an object of fields mapping to scalars or lists of scalars.
-    """
-    if filter is None:
-        return {}
-    if not isinstance(filter, Mapping):
-        raise ConfigError(f"`filter` must be an object of metadata fields, got {filter!r}")
-    out: dict[str, list[Any]] = {}
-    for key, value in filter.items():
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        if not isinstance(key, str) or not key or not all(_scalar_ok(v) for v in values):
-            raise ConfigError(
-                f"`filter` field {key!r} must map to a value or a list of values (strings, "
-                f"numbers, booleans), got {value!r}"
-            )
-        if not values:
-            raise ConfigError(f"`filter` field {key!r} has an empty list of values")
-        out[key] = values
+def _bounds(low: float | None, high: float | None) -> list[ColumnElement[bool]]:
+    out = []
+    if low is not None:
+        out.append(ExampleRow.self_influence >= float(low))
+    if high is not None:
+        out.append(ExampleRow.self_influence < float(high))
     return out
-
-
-def _condition(dialect: str, key: str, values: list[Any]) -> ColumnElement[bool]:
-    """SQL for ``meta[key] in values``, exact on JSON values on both backends."""
-    if dialect == "postgresql":
-        meta = type_coerce(ExampleRow.meta, JSONB)
-        return or_(*[meta.contains({key: v}) for v in values])  # jsonb @>
-    path = '$."' + key.replace('"', '\\"') + '"'
-    extracted = func.json_extract(ExampleRow.meta, path)
-    typed = func.json_type(ExampleRow.meta, path)
-    parts = []
-    for v in values:
-        if v is None:
-            parts.append(typed == "null")
-        elif isinstance(v, bool):  # before int: JSON true is not 1
-            parts.append(typed == ("true" if v else "false"))
-        elif isinstance(v, str):
-            parts.append(and_(typed == "text", extracted == v))
-        else:
-            parts.append(and_(typed.in_(["integer", "real"]), extracted == v))
-    return or_(*parts)
 
 
 def _shorten(ids: list[str]) -> str:
@@ -109,12 +77,28 @@ class ExampleStore:
         engine: the database.
         name: the index (for messages).
         version: the version's id.
+        schema: the metadata schema recorded at build; None (versions built before schemas)
+            checks filters for their shape only.
     """
 
-    def __init__(self, engine: Engine, *, name: str, version: int) -> None:
+    def __init__(self, engine: Engine, *, name: str, version: int,
+                 schema: MetadataSchema | None = None) -> None:
         self.engine = engine
         self.name = name
         self.version = version
+        self.schema = schema
+
+    def where(self, filter: Filter | None) -> list[ColumnElement[bool]]:
+        """SQL conditions of the live examples that match ``filter``.
+
+        Raises:
+            ConfigError: the filter is malformed, or names a key or type the metadata lacks.
+        """
+        node = parse_filter(filter, self.schema)
+        where = self._live()
+        if node is not None:
+            where.append(filter_sql(node, self.engine.dialect.name, ExampleRow.meta))
+        return where
 
     def _live(self) -> list[ColumnElement[bool]]:
         return [ExampleRow.version_id == self.version, ExampleRow.deleted.is_(False)]
@@ -141,11 +125,9 @@ class ExampleStore:
         Raises:
             ConfigError: the filter is malformed.
         """
-        conditions = check_filter(filter)
-        if not conditions:
+        if parse_filter(filter, self.schema) is None:
             return None
-        dialect = self.engine.dialect.name
-        where = self._live() + [_condition(dialect, k, v) for k, v in conditions.items()]
+        where = self.where(filter)
         with Session(self.engine) as session:
             ids = session.scalars(select(ExampleRow.id).where(*where)).all()
         return np.sort(np.asarray(ids, dtype=np.int64))
@@ -182,27 +164,67 @@ class ExampleStore:
 
     def self_influence_page(
         self, *, limit: int, offset: int = 0, descending: bool = True,
-        filter: Filter | None = None,
+        filter: Filter | None = None, low: float | None = None, high: float | None = None,
     ) -> list[Hit]:
         """Live examples ranked by self-influence (ties by id); each hit's score is its
         self-influence.
 
+        Args:
+            low: only self-influence ``>= low`` (a histogram bin's left edge).
+            high: only self-influence ``< high`` (its right edge; omit it for the last bin).
+
         Raises:
             ConfigError: ``limit`` is not positive, ``offset`` negative, or the filter bad.
         """
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"`limit` must be a positive integer, got {limit!r}")
-        if not isinstance(offset, int) or offset < 0:
-            raise ConfigError(f"`offset` must be a non-negative integer, got {offset!r}")
-        dialect = self.engine.dialect.name
-        where = self._live() + [_condition(dialect, k, v)
-                                for k, v in check_filter(filter).items()]
+        _check_page(limit, offset)
+        where = self.where(filter) + _bounds(low, high)
         order = ExampleRow.self_influence.desc() if descending else ExampleRow.self_influence
         with Session(self.engine) as session:
             rows = session.scalars(select(ExampleRow).where(*where)
                                    .order_by(order, ExampleRow.id).offset(offset)
                                    .limit(limit)).all()
             return [_hit(r, r.self_influence) for r in rows]
+
+    def count(self, filter: Filter | None = None, *, low: float | None = None,
+              high: float | None = None) -> int:
+        """How many live examples match ``filter`` (and the self-influence bounds)."""
+        where = self.where(filter) + _bounds(low, high)
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.count()).select_from(ExampleRow)
+                                      .where(*where)) or 0)
+
+    def page(self, *, limit: int, offset: int = 0, filter: Filter | None = None
+             ) -> list[Hit]:
+        """Live examples in build order (their position), ``limit`` from ``offset``; each
+        hit's score is its self-influence.
+
+        Raises:
+            ConfigError: ``limit`` is not positive, ``offset`` negative, or the filter bad.
+        """
+        _check_page(limit, offset)
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ExampleRow).where(*self.where(filter))
+                                   .order_by(ExampleRow.position).offset(offset)
+                                   .limit(limit)).all()
+            return [_hit(r, r.self_influence) for r in rows]
+
+    def live_ids(self, external_ids: Sequence[str]) -> set[str]:
+        """Which of ``external_ids`` are live examples of this version."""
+        wanted = list({str(i) for i in external_ids})
+        found: set[str] = set()
+        with Session(self.engine) as session:
+            for lo in range(0, len(wanted), 10_000):
+                found.update(session.scalars(select(ExampleRow.external_id).where(
+                    *self._live(), ExampleRow.external_id.in_(wanted[lo : lo + 10_000]))))
+        return found
+
+    def by_id(self, external_ids: Sequence[str]) -> dict[str, Hit]:
+        """The live examples among ``external_ids``, by external id (missing ones left out)."""
+        wanted = [str(i) for i in external_ids]
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ExampleRow).where(
+                *self._live(), ExampleRow.external_id.in_(wanted))).all()
+            return {r.external_id: _hit(r, 0.0) for r in rows}
 
     def live_positions(self, external_ids: Sequence[str] | None = None
                        ) -> tuple[list[str], np.ndarray]:

@@ -35,6 +35,7 @@ from .build_config import NO_HOOKS, BuildHooks, BuildProgressFn
 from .config import PreconditionerConfig
 from .errors import ConfigError, GradindexError, IndexNotFound
 from .featurize import Block
+from .filters import MetadataSchema
 from .precondition import FisherAccumulator, Preconditioner, self_influence
 from .settings import Settings, check_name
 from .stage import staging_root
@@ -140,6 +141,8 @@ class Finalizer:
         self.dim = int(self.info["layout"]["dim"])
         self.version: NewVersion | None = None
         self.tmp = self.versions / ".tmp"
+        self.metadata_schema = MetadataSchema()
+        """The metadata keys and JSON types seen by :meth:`write_vectors` (what filters check)."""
 
     def _report(self, phase: str, done: int) -> None:
         if self.progress is not None:
@@ -224,6 +227,8 @@ class Finalizer:
             si = self_influence(raw / groups, vec).numpy()
             vectors[w.start : w.stop] = vec.numpy()
             influence[w.start : w.stop] = si
+            for rec in w.records:
+                self.metadata_schema.observe(rec.get("meta") or {})
             with self.engine.begin() as conn:
                 ids[w.start : w.stop] = insert_examples(
                     conn=conn, version_id=self.version.id, start=w.start, records=w.records,
@@ -289,6 +294,7 @@ class Finalizer:
             **faiss,
             "count": self.total,
             "dim": self.dim,
+            "metadata_schema": self.metadata_schema.to_json(),
             "staging_key": self.staging.key,
             "libraries": library_versions(),
         }

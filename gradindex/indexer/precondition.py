@@ -169,6 +169,17 @@ class Preconditioner:
             out[:, lo:hi] = torch.cholesky_solve(out[:, lo:hi].T.contiguous(), factor).T
         return out.float()
 
+    def unapply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(F̃+λI) v`` for stored rows ``vectors [B, dim]``: the raw gradients back (the
+        inverse of :meth:`apply`, a product, no solve); float64 result."""
+        if vectors.shape[-1] != self.dim:
+            raise GradindexError(f"vectors have {vectors.shape[-1]} columns, expected {self.dim}")
+        v = vectors.to(torch.float64)
+        out = v.clone()
+        for fisher, lam, (lo, hi) in zip(self.fishers, self.lambdas, self.ranges, strict=True):
+            out[:, lo:hi] = v[:, lo:hi] @ fisher.T + lam * v[:, lo:hi]
+        return out
+
     def save(self, path: str | Path) -> None:
         """Write the Fisher blocks and settings to one ``.npz`` file."""
         arrays: dict[str, np.ndarray] = {

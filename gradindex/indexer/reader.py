@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,33 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .errors import ExampleNotFound
+from .errors import ExampleNotFound, StorageError
 from .examples import ExampleStore, Filter, Hit
+from .filters import MetadataSchema
+from .precondition import Preconditioner
 from .search import IdRows, Searcher, as_queries, check_search, histogram, relative_vectors
 from .settings import Settings, check_name
 from .store import IndexVersion, connect, current_version
 from .version import VersionFiles
 
-__all__ = ["ExampleNotFound", "Filter", "Hit", "Index", "open_index"]
+__all__ = ["ExampleNotFound", "Filter", "Hit", "Index", "Ranked", "open_index"]
+
+COUNT_SCAN_LIMIT = 50_000_000
+"""Scores (searched rows × dim) computed to count a query's positive and negative scores
+exactly; beyond it only "fewer than k" is known."""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One query's top hits in one direction, and how many scores lie on each side of zero."""
+
+    hits: list[Hit]
+    """Strongest first; only scores of the direction's sign (> 0 proponents, < 0 opponents)."""
+    positives: int | None
+    """Searched examples that score > 0; None when not counted (a large index, and at least
+    ``k`` of them exist)."""
+    negatives: int | None
+    """Likewise, < 0."""
 
 
 class Index:
@@ -61,7 +81,11 @@ class Index:
         self.files = VersionFiles.open(settings.data_dir / version.path, name=name,
                                        version=self.version, version_id=self.version_id,
                                        build_id=self.build_id or None)
-        self.examples = ExampleStore(engine, name=name, version=self.version_id)
+        self.metadata_schema = MetadataSchema.from_json(
+            self.files.manifest.get("metadata_schema"))
+        """Metadata keys and their JSON types, recorded at build; None for older versions."""
+        self.examples = ExampleStore(engine, name=name, version=self.version_id,
+                                     schema=self.metadata_schema)
         self.files.check(*self.examples.row_ids())
         self._rows = IdRows(self.files.ids, label=f"index {name!r} version {self.version}")
         self.searcher = Searcher(self.files.vectors, self._rows, index=self.files.faiss,
@@ -142,6 +166,7 @@ class Index:
         direction: str = "proponents",
         filter: Filter | None = None,
         normalize: bool = False,
+        skip: Sequence[int | None] | None = None,
     ) -> list[list[Hit]]:
         """Top-``k`` proponents (highest scores) or opponents (lowest) per query vector.
 
@@ -149,21 +174,103 @@ class Index:
             queries: query vectors ``[Q, dim]`` (:func:`~.query.query_vectors`).
             k: results per query.
             direction: ``proponents`` or ``opponents`` (the search of the negated query).
-            filter: restrict to examples whose metadata match (see :data:`Filter`).
+            filter: restrict to examples whose metadata match (see :mod:`.filters`).
             normalize: rank by relative influence, ``score / sqrt(self-influence)`` (RelatIF,
                 Barshan et al. 2020); the hits' scores are then those relative scores.
+            skip: per query, an example row id never to return (a stored example queried
+                with itself), or None.
 
         Returns:
-            Per query, up to ``k`` hits sorted by strength; scores are exact inner products.
+            Per query, up to ``k`` hits sorted by strength, proponents scoring > 0 and
+            opponents < 0 (fewer than ``k`` when fewer exist); scores are exact inner products.
         """
+        return [r.hits for r in self.rank(queries, k, direction=direction, filter=filter,
+                                          normalize=normalize, skip=skip)]
+
+    def rank(
+        self,
+        queries: torch.Tensor | np.ndarray,
+        k: int = 10,
+        *,
+        direction: str = "proponents",
+        filter: Filter | None = None,
+        normalize: bool = False,
+        skip: Sequence[int | None] | None = None,
+    ) -> list[Ranked]:
+        """:meth:`search`, with how many searched examples score above and below zero."""
         check_search(k, direction)
         q = self._queries(queries)
+        skipped = np.full(len(q), -1, dtype=np.int64)
+        if skip is not None:
+            skipped[:] = [-1 if s is None else int(s) for s in skip]
         include = self.examples.matching(filter)
         exclude = None if include is not None else self.examples.deleted()
         searcher = self.relative_searcher if normalize else self.searcher
-        scores, ids = searcher.top_k(q, k, direction=direction, include=include,
+        extra = int((skipped >= 0).any())
+        scores, ids = searcher.top_k(q, k + extra, direction=direction, include=include,
                                      exclude=exclude)
-        return [self.examples.hits(ids[i], scores[i]) for i in range(len(q))]
+        counts = self._sign_counts(q, include, exclude, skipped)
+        sign = 1.0 if direction == "proponents" else -1.0
+        out = []
+        for i in range(len(q)):
+            keep = (ids[i] >= 0) & (ids[i] != skipped[i]) & (sign * scores[i] > 0)
+            hits = self.examples.hits(ids[i][keep][:k], scores[i][keep][:k])
+            if counts is not None:
+                pos, neg = int(counts[0][i]), int(counts[1][i])
+                out.append(Ranked(hits, pos, neg))
+                continue
+            found = len(hits) if len(hits) < k else None
+            out.append(Ranked(hits, found, None) if sign > 0 else Ranked(hits, None, found))
+        return out
+
+    def _sign_counts(self, q: np.ndarray, include: np.ndarray | None,
+                     exclude: np.ndarray | None, skipped: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per query, how many searched examples score ``> 0`` and ``< 0`` (``skipped`` left
+        out), or None when that scan would exceed :data:`COUNT_SCAN_LIMIT`."""
+        ids = include if include is not None else np.setdiff1d(
+            self._rows.ids, exclude if exclude is not None else [])
+        if len(ids) * self.dim > COUNT_SCAN_LIMIT:
+            return None
+        rows = np.sort(self._rows.rows(ids))
+        s = self.searcher.scores(q, rows)
+        s[self._rows.ids[rows][None, :] == skipped[:, None]] = 0.0
+        return (s > 0).sum(axis=1), (s < 0).sum(axis=1)
+
+    @functools.cached_property
+    def preconditioner(self) -> Preconditioner:
+        """The fitted ``(F̃+λI)`` of this version (``precond.npz``).
+
+        Raises:
+            StorageError: the version has no readable ``precond.npz``.
+        """
+        path = self.folder / "precond.npz"
+        try:
+            return Preconditioner.load(path)
+        except Exception as exc:  # noqa: BLE001 - numpy raises many kinds
+            raise StorageError(
+                f"index {self.name!r} version {self.version}: precond.npz is missing or "
+                f"unreadable ({type(exc).__name__}); rebuild it with "
+                f"`gradindex refinalize {self.name}`") from exc
+
+    def stored_queries(self, external_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors of stored training examples, without a model pass.
+
+        A stored vector is ``v = (F̃+λI)⁻¹ g̃``; its query is ``(F̃+λI) v / groups``, what
+        :func:`~.query.query_vectors` makes of the example's payload (to float rounding).
+
+        Returns:
+            Their row ids ``[Q]`` (to leave each out of its own results) and query vectors
+            ``[Q, dim]`` float32.
+
+        Raises:
+            ExampleNotFound: an id is not in the index, or was deleted.
+        """
+        _, positions = self.examples.live_positions(external_ids)
+        stored = torch.from_numpy(np.asarray(self.vectors[positions], dtype=np.float32))
+        groups = int((self.manifest.get("layout") or {}).get("groups") or 1)
+        raw = self.preconditioner.unapply(stored) / groups
+        return np.asarray(self.ids[positions], dtype=np.int64), raw.float().numpy()
 
     def select(
         self, queries: torch.Tensor | np.ndarray, k: int = 10, *, filter: Filter | None = None,
@@ -188,13 +295,15 @@ class Index:
 
     def self_influence(
         self, limit: int = 100, *, filter: Filter | None = None, descending: bool = True,
-        offset: int = 0,
+        offset: int = 0, low: float | None = None, high: float | None = None,
     ) -> list[Hit]:
         """Examples ranked by self-influence (outlier and mislabel candidates first).
 
-        ``offset`` skips that many of the ranking (pages of ``limit``)."""
+        ``offset`` skips that many of the ranking (pages of ``limit``); ``low`` (inclusive)
+        and ``high`` (exclusive) bound the self-influence (a histogram bin)."""
         return self.examples.self_influence_page(limit=limit, offset=offset,
-                                                 descending=descending, filter=filter)
+                                                 descending=descending, filter=filter,
+                                                 low=low, high=high)
 
     def self_influence_histogram(
         self, bins: int = 40, *, log: bool = False

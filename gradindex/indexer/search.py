@@ -69,25 +69,28 @@ def relative_vectors(vectors: np.ndarray, self_influence: np.ndarray,
 
 def histogram(values: np.ndarray, bins: int = 40, *, log: bool = False
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Histogram ``(edges [bins+1], counts [bins])`` of ``values``; with ``log``, of the positive
-    ones in bins evenly spaced in log10 (self-influence is heavy-tailed). No values give
-    ``[0, 1]`` split evenly, with zero counts.
+    """Histogram ``(edges [bins+1], counts [bins])`` of ``values``, every value counted: the
+    first edge is the minimum and the last the maximum, exactly. With ``log``, bins are evenly
+    spaced in log10 between the smallest and largest positive values (self-influence is
+    heavy-tailed), and values <= 0 are counted in the first bin. No values give ``[0, 1]``
+    split evenly, with zero counts.
 
     Raises:
         ConfigError: ``bins`` is not an integer in [1, 1000].
     """
     if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 1000:
         raise ConfigError(f"`bins` must be an integer in [1, 1000], got {bins!r}")
-    live = np.asarray(values)
-    if log:
-        live = live[live > 0]
+    live = np.asarray(values, dtype=np.float64)
     if not len(live):
         return np.linspace(0.0, 1.0, bins + 1), np.zeros(bins, dtype=np.int64)
-    if log:
-        edges = np.logspace(np.log10(live.min()), np.log10(live.max()), bins + 1)
-        counts, edges = np.histogram(live, bins=edges)
-    else:
-        counts, edges = np.histogram(live, bins=bins)
+    positive = live[live > 0]
+    if log and len(positive) and positive.min() < positive.max():
+        lo, hi = float(positive.min()), float(positive.max())
+        edges = np.logspace(np.log10(lo), np.log10(hi), bins + 1)
+        edges[0], edges[-1] = lo, hi  # 10**log10(x) may round past x and drop it
+        counts, _ = np.histogram(np.maximum(live, lo), bins=edges)
+        return edges, counts
+    counts, edges = np.histogram(live, bins=bins)
     return edges, counts
 
 

@@ -8,6 +8,7 @@ holds the task that renders examples), everything else from the indexer's
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
 from gradindex.indexer.errors import ConfigError, TaskError
 from gradindex.indexer.examples import Hit
+from gradindex.indexer.predict import NONE, Prediction
 
 from .auth import AdminKey, ReadKey
 from .errors import IndexUnavailable
@@ -31,6 +33,7 @@ from .schemas import (
     DeleteResult,
     ErrorResponse,
     Example,
+    ExamplePage,
     Health,
     IndexDetail,
     IndexList,
@@ -44,10 +47,11 @@ from .schemas import (
     SelectResponse,
     SelfInfluencePage,
     TrainingExample,
+    Whoami,
 )
 from .settings import ServerSettings
 
-__all__ = ["IndexDep", "health_router", "render_payload", "router"]
+__all__ = ["IndexDep", "health_router", "parse_filter_param", "render_payload", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,19 @@ async def health(registry: Registry, settings: SettingsDep) -> Health:
                   devices=sorted({w.device for w in workers}), workers=len(workers))
 
 
+@health_router.get("/v1/whoami", response_model=Whoami,
+                   responses={401: ERRORS[401]})
+async def whoami(key: ReadKey, settings: SettingsDep) -> Whoami:
+    """What the caller's key may do: `admin`, `read`, or `keyless` when the server needs no
+    key (a page hides what the key may not do). An unknown or missing key, where keys are
+    required, gets 401."""
+    if key is None:
+        return Whoami(scope="keyless", auth=settings.auth_required, key=None)
+    if key.allows("admin"):
+        return Whoami(scope="admin", auth=True, key=key.name or None)
+    return Whoami(scope="read", auth=True, key=key.name or None)
+
+
 # ------------------------------------------------------------------ indexes
 
 
@@ -174,34 +191,69 @@ async def get_index(_key: ReadKey, name: IndexName, registry: Registry) -> Index
             **_summary(row, registry), task=m.get("task") or {},
             compression=m.get("compression") or {}, preconditioner=m.get("preconditioner") or {},
             faiss=m.get("faiss") or {}, relative=bool((m.get("relative") or {}).get("file")),
-            device=None)
+            device=None, metadata_schema=m.get("metadata_schema"))
     index = served.index
     m = index.manifest
     return IndexDetail(
         **{**_summary(row, registry), "version": index.version, "dim": index.dim},
         task=m.get("task", {}), compression=m.get("compression", {}),
         preconditioner=m.get("preconditioner", {}), faiss=m.get("faiss", {}),
-        relative=index.has_relative_index, device=served.worker.device)
+        relative=index.has_relative_index, device=served.worker.device,
+        metadata_schema=m.get("metadata_schema"))
+
+
+async def _predict(served: Served, payloads: Sequence[Any]) -> list[Prediction]:
+    """The model's view of each query; None values when the worker cannot tell."""
+    try:
+        return await served.worker.predict(payloads)
+    except Exception as exc:  # noqa: BLE001 - results stand without predictions
+        log.info("no predictions for index %r: %s", served.index.name, exc)
+        return [NONE] * len(payloads)
 
 
 @router.post("/{name}/influence", response_model=InfluenceResponse)
 async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
                     settings: SettingsDep) -> InfluenceResponse:
-    """The top-k proponents and/or opponents of each test example."""
-    q = await _queries(served, body.examples, settings)
+    """The top-k proponents (score > 0) and/or opponents (score < 0) of each test example
+    (`examples`), or of stored training examples (`ids`, train-to-train, no model pass), with
+    how many examples score on each side of zero and the model's prediction, confidence and
+    loss for each query."""
+    index = served.index
+    skip: list[int | None] | None = None
+    if body.ids is not None:
+        if len(body.ids) > settings.max_examples:
+            raise ConfigError(f"`ids` may hold at most {settings.max_examples} ids per "
+                              f"request, got {len(body.ids)}; split the request")
+        rows, q = await run_in_threadpool(index.stored_queries, body.ids)
+        stored = await run_in_threadpool(index.examples.by_id, body.ids)
+        payloads: list[Any] = [stored[i].payload for i in body.ids]
+        skip = None if body.include_self else [int(r) for r in rows]
+        names: list[str | None] = list(body.ids)
+    else:
+        examples = body.examples or []
+        q = (await _queries(served, examples, settings)).numpy()
+        payloads, names = list(examples), [None] * len(examples)
     directions = ["proponents", "opponents"] if body.direction == "both" else [body.direction]
+    predicted = await _predict(served, payloads)
 
     def search() -> list[InfluenceResult]:
-        found = {d: served.index.search(q, body.k, direction=d, filter=body.filter,
-                                        normalize=body.normalize) for d in directions}
+        found = {d: index.rank(q, body.k, direction=d, filter=body.filter,
+                               normalize=body.normalize, skip=skip) for d in directions}
         shown = served if body.render else None
-        return [InfluenceResult(**{d: [_example(h, shown) for h in found[d][i]]
-                                   for d in directions})
-                for i in range(len(q))]
+        results = []
+        for i in range(len(q)):
+            ranked = [found[d][i] for d in directions]
+            positives = next((r.positives for r in ranked if r.positives is not None), None)
+            negatives = next((r.negatives for r in ranked if r.negatives is not None), None)
+            p = predicted[i]
+            results.append(InfluenceResult(
+                id=names[i], positives=positives, negatives=negatives,
+                prediction=p.prediction, confidence=p.confidence, loss=p.loss,
+                **{d: [_example(h, shown) for h in found[d][i].hits] for d in directions}))
+        return results
 
     results = await run_in_threadpool(search)
-    return InfluenceResponse(index=served.index.name, version=served.index.version,
-                             results=results)
+    return InfluenceResponse(index=index.name, version=index.version, results=results)
 
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
@@ -214,11 +266,16 @@ async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
         raise ConfigError(f"this request asks for {wanted * len(body.examples):,} scores, more "
                           f"than {MAX_SCORES:,}; pass `ids`, or fewer examples")
     q = await _queries(served, body.examples, settings)
-    ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
+    wanted_ids, missing = body.ids, []
+    if body.ids is not None and body.missing == "skip":
+        live = await run_in_threadpool(served.index.examples.live_ids, body.ids)
+        wanted_ids = [i for i in body.ids if i in live]
+        missing = [i for i in body.ids if i not in live]
+    ids, matrix = await run_in_threadpool(served.index.scores, q, wanted_ids)
     if not np.isfinite(matrix).all():
         _finite(float("inf"))
     return ScoresResponse(index=served.index.name, version=served.index.version, ids=ids,
-                          scores=matrix.tolist())
+                          scores=matrix.tolist(), missing=missing)
 
 
 @router.post("/{name}/select", response_model=SelectResponse)
@@ -233,6 +290,28 @@ async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
                           ids=[r.id for r in results], results=results)
 
 
+FILTER_PARAM = ("A metadata filter as JSON (the language of `filter` in /influence), e.g. "
+                '`{"label": 3}`.')
+
+
+def parse_filter_param(text: str | None) -> Any:
+    """A filter passed as a JSON query parameter, decoded (checked by the index later).
+
+    Raises:
+        ConfigError: it is not JSON.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"`filter` is not valid JSON ({exc}); pass an object such as "
+                          '{"label": 3}') from None
+
+
+FilterParam = Annotated[str | None, Query(description=FILTER_PARAM, max_length=16384)]
+
+
 @router.get("/{name}/self-influence", response_model=SelfInfluencePage)
 async def self_influence(
     _key: ReadKey, served: IndexDep,
@@ -240,13 +319,56 @@ async def self_influence(
     offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
     ascending: Annotated[bool, Query(description="Lowest self-influence first.")] = False,
     render: Annotated[bool, Query(description="Add each example's `render`.")] = False,
+    filter: FilterParam = None,
+    min_self_influence: Annotated[float | None, Query(
+        description="Only self-influence >= this (a histogram bin's left edge; omit it for "
+                    "the first bin).")] = None,
+    max_self_influence: Annotated[float | None, Query(
+        description="Only self-influence < this (a histogram bin's right edge; omit it for "
+                    "the last bin).")] = None,
 ) -> SelfInfluencePage:
     """Training examples ranked by self-influence: outlier and mislabel candidates first."""
-    hits = await run_in_threadpool(lambda: served.index.self_influence(
-        limit, offset=offset, descending=not ascending))
+    flt = parse_filter_param(filter)
+    for bound in (min_self_influence, max_self_influence):
+        if bound is not None and not math.isfinite(bound):
+            raise ConfigError(f"self-influence bounds must be finite numbers, got {bound}")
+    index = served.index
+
+    def page() -> tuple[list[Hit], int]:
+        hits = index.self_influence(limit, offset=offset, descending=not ascending,
+                                    filter=flt, low=min_self_influence,
+                                    high=max_self_influence)
+        total = index.examples.count(flt, low=min_self_influence, high=max_self_influence)
+        return hits, total
+
+    hits, total = await run_in_threadpool(page)
     return SelfInfluencePage(
-        index=served.index.name, version=served.index.version, limit=limit, offset=offset,
-        next_offset=offset + limit if len(hits) == limit else None,
+        index=index.name, version=index.version, limit=limit, offset=offset,
+        next_offset=offset + limit if offset + len(hits) < total else None,
+        results=[_training(h, served if render else None) for h in hits], total=total)
+
+
+@router.get("/{name}/examples", response_model=ExamplePage)
+async def list_examples(
+    _key: ReadKey, served: IndexDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Examples per page.")] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
+    filter: FilterParam = None,
+    render: Annotated[bool, Query(description="Add each example's `render`.")] = False,
+) -> ExamplePage:
+    """The live training examples in build order, a page at a time, optionally filtered on
+    their metadata; `total` says how many match."""
+    flt = parse_filter_param(filter)
+    index = served.index
+
+    def page() -> tuple[list[Hit], int]:
+        return (index.examples.page(limit=limit, offset=offset, filter=flt),
+                index.examples.count(flt))
+
+    hits, total = await run_in_threadpool(page)
+    return ExamplePage(
+        index=index.name, version=index.version, total=total, limit=limit, offset=offset,
+        next_offset=offset + limit if offset + len(hits) < total else None,
         results=[_training(h, served if render else None) for h in hits])
 
 

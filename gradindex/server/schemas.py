@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -13,6 +13,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Example",
+    "ExamplePage",
     "Filter",
     "Health",
     "IndexDetail",
@@ -27,14 +28,29 @@ __all__ = [
     "SelectResponse",
     "SelfInfluencePage",
     "TrainingExample",
+    "Whoami",
 ]
 
 CONTRACT_VERSION = 1
 MAX_K = 1000
 
-Scalar = str | int | float | bool | None
-Filter = dict[str, Scalar | list[Scalar]]
-"""``{"field": value}`` or ``{"field": [v1, v2]}`` on the examples' metadata; all must match."""
+Filter = dict[str, Any]
+"""A metadata filter (:mod:`gradindex.indexer.filters`), checked by the index it searches."""
+
+FILTER_DESCRIPTION = (
+    "Search only training examples whose metadata match. An object of metadata keys: a value "
+    "(`{\"label\": 3}`: equality), a list (`{\"source\": [\"wiki\", \"books\"]}`: one of "
+    "them) or operators (`{\"weight\": {\"$gte\": 0.5, \"$lt\": 2}}`): `$eq $ne $in $nin` "
+    "on scalars, `$gt $gte $lt $lte` on numbers, `$exists` (true/false). Every key must "
+    "match; combine filters with `{\"$and\": [...]}` and `{\"$or\": [...]}`. `$ne`/`$nin` also "
+    "match examples without the key; `null` matches JSON null only. At most 4 levels deep "
+    "and 256 values. A key the index's metadata lacks, or a value of a type the key never "
+    "holds, is refused (422) with the known keys (see the index's `metadata_schema`).")
+FILTER_EXAMPLES: list[Any] = [
+    {"label": 3},
+    {"source": ["wiki", "books"]},
+    {"$or": [{"label": 3}, {"weight": {"$gte": 0.5, "$lt": 2}}], "flag": {"$exists": True}},
+]
 
 Payload = dict[str, Any]
 
@@ -68,27 +84,75 @@ class DeleteResult(BaseModel):
     deleted: TrainingExample
 
 
+class ExamplePage(BaseModel):
+    """One page of the live training examples in build order, and how many match."""
+
+    index: str
+    version: int
+    total: int = Field(description="Live examples matching the filter (all pages).")
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
+    results: list[TrainingExample]
+
+
 # ------------------------------------------------------------------ influence
 
 
 class InfluenceRequest(_Request):
-    """Most influential training examples of each test example."""
+    """Most influential training examples of each test example, or of stored training
+    examples (``ids``: train-to-train)."""
 
-    examples: list[Payload] = Field(min_length=1, description="Test examples (task payloads).")
+    examples: list[Payload] | None = Field(
+        None, min_length=1, description="Test examples (task payloads). Give `examples` or "
+                                        "`ids`, not both.")
+    ids: list[str] | None = Field(
+        None, min_length=1,
+        description="Training example ids: their stored vectors are the queries (no model "
+                    "pass), e.g. to find what drove a training example, or its near-duplicates. "
+                    "Give `examples` or `ids`, not both.")
+    include_self: bool = Field(
+        False, description="With `ids`: let a training example appear in its own results "
+                           "(left out by default).")
     k: int = Field(10, ge=1, le=MAX_K, description="Results per example and direction.")
     direction: Literal["proponents", "opponents", "both"] = "proponents"
-    filter: Filter | None = Field(
-        None, description="Search only training examples whose metadata match.")
+    filter: Filter | None = Field(None, description=FILTER_DESCRIPTION,
+                                  examples=FILTER_EXAMPLES)
     normalize: bool = Field(
         False, description="Rank by relative influence, score / sqrt(self-influence) (RelatIF).")
     render: bool = Field(False, description="Add each hit's `render` (how the task shows it).")
 
+    @model_validator(mode="after")
+    def _one_kind_of_query(self) -> InfluenceRequest:
+        if (self.examples is None) == (self.ids is None):
+            raise ValueError("give exactly one of `examples` (payloads) and `ids` (training "
+                             "example ids)")
+        return self
+
 
 class InfluenceResult(BaseModel):
-    """The top training examples of one test example, strongest first."""
+    """The top training examples of one query, strongest first, and what the model makes of
+    the query."""
 
-    proponents: list[Example] = Field(default_factory=list)
-    opponents: list[Example] = Field(default_factory=list)
+    id: str | None = Field(None, description="The training id queried (`ids` queries).")
+    proponents: list[Example] = Field(
+        default_factory=list, description="Score > 0, strongest first (fewer than `k` when "
+                                          "fewer examples help).")
+    opponents: list[Example] = Field(
+        default_factory=list, description="Score < 0, strongest first.")
+    positives: int | None = Field(
+        None, description="How many searched training examples score > 0 (help the query); "
+                          "null when not counted (a large index with at least `k` of them).")
+    negatives: int | None = Field(
+        None, description="How many score < 0 (hurt the query); null when not counted.")
+    prediction: int | None = Field(
+        None, description="The model's predicted class for the query (argmax of its logits); "
+                          "null when the task has no `logits`.")
+    confidence: float | None = Field(
+        None, description="The predicted class's softmax probability; null without `logits`.")
+    loss: float | None = Field(
+        None, description="The task's loss on the query at its own target; null when the "
+                          "task cannot compute it.")
 
 
 class InfluenceResponse(BaseModel):
@@ -106,13 +170,19 @@ class ScoresRequest(_Request):
     examples: list[Payload] = Field(min_length=1)
     ids: list[str] | None = Field(
         None, description="Training example ids; null means every live example.")
+    missing: Literal["error", "skip"] = Field(
+        "error", description="An id that is not (or no longer) in the index: `error` (404) or "
+                             "`skip` (scored without it, listed in the answer's `missing`).")
 
 
 class ScoresResponse(BaseModel):
     index: str
     version: int
-    ids: list[str]
+    ids: list[str] = Field(description="The ids scored, in the order asked.")
     scores: list[list[float]] = Field(description="[example][id]")
+    missing: list[str] = Field(
+        default_factory=list, description="Ids asked for that are not live (deleted or never "
+                                          "indexed), with `missing: skip`.")
 
 
 class SelectRequest(_Request):
@@ -120,7 +190,7 @@ class SelectRequest(_Request):
 
     examples: list[Payload] = Field(min_length=1, description="The target set.")
     k: int = Field(10, ge=1, le=MAX_K)
-    filter: Filter | None = None
+    filter: Filter | None = Field(None, description=FILTER_DESCRIPTION, examples=FILTER_EXAMPLES)
     normalize: bool = False
 
 
@@ -140,6 +210,8 @@ class SelfInfluencePage(BaseModel):
     offset: int
     next_offset: int | None = Field(description="Offset of the next page; null on the last.")
     results: list[TrainingExample]
+    total: int | None = Field(
+        None, description="Live examples matching the filter and bounds (all pages).")
 
 
 # ------------------------------------------------------------------ indexes and health
@@ -164,6 +236,11 @@ class IndexDetail(IndexSummary):
     relative: bool = Field(description="Whether `normalize` searches its own FAISS index "
                                        "(else an exact scan).")
     device: str | None
+    metadata_schema: dict[str, Any] | None = Field(
+        None, description="The examples' metadata keys as recorded at build: `{\"count\": N, "
+                          "\"keys\": {key: {\"types\": [JSON types], \"values\": [distinct "
+                          "values] or null}}}`; what filters are checked against. Null for "
+                          "indexes built before it was recorded.")
 
 
 class IndexList(BaseModel):
@@ -178,6 +255,16 @@ class Health(BaseModel):
     indexes: int
     devices: list[str]
     workers: int = Field(0, description="Device workers running (one per served model).")
+
+
+class Whoami(BaseModel):
+    """What the caller's key may do."""
+
+    scope: Literal["admin", "read", "keyless"] = Field(
+        description="`admin` (read and delete), `read`, or `keyless` (the server needs no key: "
+                    "everything is allowed).")
+    auth: bool = Field(description="Whether the server requires keys.")
+    key: str | None = Field(None, description="The key's name (never its secret).")
 
 
 class ErrorBody(BaseModel):

@@ -23,6 +23,7 @@ import torch
 
 from gradindex.indexer.errors import GradindexError, TaskError
 from gradindex.indexer.featurize import Featurizer
+from gradindex.indexer.predict import Prediction, predictions
 
 from .errors import Overloaded
 from .metrics import Metrics
@@ -144,6 +145,13 @@ class DeviceWorker:
                 f"waiting; retry after {self.retry_after_s}s", self.retry_after_s) from None
         self.metrics.queue_depth.labels(self.name).set(self._queue.qsize())
         return await job.future
+
+    async def predict(self, payloads: Sequence[dict[str, Any]]) -> list[Prediction]:
+        """The model's prediction, confidence and loss of each payload (one no-grad pass on the
+        worker's thread, between its batches; None where the task cannot tell)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, predictions, self.featurizer,
+                                          list(payloads))
 
     # ------------------------------------------------------------------ the loop
 
