@@ -45,6 +45,12 @@ DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text
 
 OAUTH2_REDIRECT = "/docs/oauth2-redirect"
 
+DOCS_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; "
+               "worker-src 'self' blob:; connect-src 'self'")
+"""The docs pages load nothing from elsewhere (ReDoc's bundle, for one, asks a CDN for its
+logo): on a private network such a request would leak that the docs were opened, and wait."""
+
 page_router = APIRouter(include_in_schema=False)
 
 
@@ -100,6 +106,11 @@ async def readme() -> PlainTextResponse:
 # ------------------------------------------------------------------ API docs, offline
 
 
+def _self_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_POLICY
+    return page
+
+
 @page_router.get("/static/docs/{name}")
 async def docs_file(name: str) -> Response:
     media_type = DOCS_FILES.get(name)
@@ -111,13 +122,13 @@ async def docs_file(name: str) -> Response:
 @page_router.get("/docs", response_class=HTMLResponse)
 async def swagger_ui(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_swagger_ui_html(
+    return _self_only(get_swagger_ui_html(
         openapi_url=f"{root}{request.app.openapi_url}", title="gradindex API",
         oauth2_redirect_url=f"{root}{OAUTH2_REDIRECT}",
         swagger_js_url=f"{root}/static/docs/swagger-ui-bundle.js",
         swagger_css_url=f"{root}/static/docs/swagger-ui.css",
         swagger_favicon_url=f"{root}/favicon.ico",
-        swagger_ui_parameters={"validatorUrl": None})
+        swagger_ui_parameters={"validatorUrl": None}))
 
 
 @page_router.get(OAUTH2_REDIRECT, response_class=HTMLResponse)
@@ -128,7 +139,7 @@ async def swagger_ui_redirect() -> HTMLResponse:
 @page_router.get("/redoc", response_class=HTMLResponse)
 async def redoc(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "")
-    return get_redoc_html(
+    return _self_only(get_redoc_html(
         openapi_url=f"{root}{request.app.openapi_url}", title="gradindex API (ReDoc)",
         redoc_js_url=f"{root}/static/docs/redoc.standalone.js",
-        redoc_favicon_url=f"{root}/favicon.ico", with_google_fonts=False)
+        redoc_favicon_url=f"{root}/favicon.ico", with_google_fonts=False))

@@ -183,17 +183,18 @@ function scoreTitle(hit, side) {
 
 // ------------------------------------------------------------------ the page's URL
 
+function queryRef(q) {
+  // how a URL names a query: gallery:ID, train:ID, or payload:BASE64 (a pasted payload)
+  return q.kind === "payload"
+    ? "payload:" + btoa(unescape(encodeURIComponent(JSON.stringify(q.payload))))
+    : `${q.kind}:${q.id}`;
+}
 function writeUrl(push = false) {
   if (state.restoring) return;  // the URL is being read, not written
   const p = new URLSearchParams();
   if (state.index) p.set("index", state.index);
   if (state.view === "self") p.set("view", "self");
-  const q = state.query;
-  if (q) {
-    if (q.kind === "payload") {
-      p.set("query", "payload:" + btoa(unescape(encodeURIComponent(JSON.stringify(q.payload)))));
-    } else p.set("query", `${q.kind}:${q.id}`);
-  }
+  if (state.query) p.set("query", queryRef(state.query));
   p.set("k", String(kValue()));
   if ($("normalize").checked) p.set("relative", "1");
   if (state.gallery.label !== "") p.set("label", state.gallery.label);
@@ -390,6 +391,7 @@ $("normalize").addEventListener("change", () => { writeUrl(); attribute(); });
 
 function clearResults() {
   for (const id of ["proponents", "opponents"]) { $(id).innerHTML = ""; $(id).classList.remove("busy"); }
+  delete $("proponents").dataset.query;
   $("pro-count").textContent = ""; $("opp-count").textContent = "";
   $("query-card").innerHTML = '<span class="muted">Choose an example.</span>';
   state.shown = null; $("export-csv").disabled = true; $("export-json").disabled = true;
@@ -452,11 +454,15 @@ async function attribute() {
     state.shown = {index: data.index, version: data.version, k, normalize, query: q, result};
     showQueryCard(q, result);
     showHits(result);
+    // what the result grids show, for whoever reads the page (tests, scripts)
+    Object.assign($("proponents").dataset, {query: queryRef(q), k: String(k),
+                                             normalize: String(normalize)});
     $("export-csv").disabled = false; $("export-json").disabled = false;
     say("");
   } catch (e) {
     if (seq !== state.seq) return;
     for (const id of ["proponents", "opponents"]) { $(id).innerHTML = ""; $(id).classList.remove("busy"); }
+    delete $("proponents").dataset.query;
     say(e.message, true);
   }
 }
