@@ -158,6 +158,7 @@ def test_query_card_shows_prediction_confidence_and_loss(served: Served,
     pick_gallery(page, 2)
     expect(page.locator("#query-label")).to_have_text(str(item["payload"]["y"]))
     result = served.influence(examples=[item["payload"]], k=1, direction="both")
+    result = {**result.get("query", {}), **result}  # on the result, or under its `query`
     if "loss" in result:  # the server scores the query: the card must say so
         loss = float(page.locator("#query-loss").inner_text())
         assert math.isclose(loss, result["loss"], rel_tol=LOSS_RTOL, abs_tol=1e-6)
@@ -239,6 +240,17 @@ def test_k_and_relative_influence_rerun_the_query(served: Served, browser: Any) 
     expect(grid.locator(".card")).to_have_count(12)
     assert shown_ids(page) == ids_of(served.influence(examples=[item["payload"]], k=12,
                                                       normalize=True)["proponents"])
+
+    label = item["payload"]["y"]  # the filter box restricts the training examples searched
+    page.fill("#filter", json.dumps({"label": label}))
+    page.press("#filter", "Enter")
+    compact = json.dumps({"label": label}, separators=(",", ":"))  # as JSON.stringify writes
+    expect(grid).to_have_attribute("data-filter", compact)
+    filtered = served.influence(examples=[item["payload"]], k=12, normalize=True,
+                                filter={"label": label})["proponents"]
+    assert shown_ids(page) == ids_of(filtered)
+    assert {h["meta"]["label"] for h in filtered} == {label}
+    assert "filter=" in page.url
     page.context.close()
 
 
@@ -351,9 +363,10 @@ def test_gallery_filters_by_label_and_jumps_to_a_page(served: Served, browser: A
     label = page.locator("#gallery-label")
     expect(label.locator("option")).to_have_count(11)  # all, and the ten digits
     label.select_option("3")
-    total = sum(1 for offset in range(0, 2000, 500) for item in served.get(
+    threes = {item["id"]: item["payload"] for offset in range(0, 2000, 500) for item in served.get(
         f"/v1/indexes/{SERVED_INDEX}/gallery?limit=500&offset={offset}")["results"]
-        if item["payload"]["y"] == 3)
+        if item["payload"]["y"] == 3}
+    total = len(threes)
     expect(page.locator("#gallery-pos")).to_have_text(f"1–24 of {total}")
     captions = page.locator("#gallery .card .caption").all_inner_texts()
     assert len(captions) == 24 and all(c.endswith("label 3") for c in captions)
@@ -361,6 +374,19 @@ def test_gallery_filters_by_label_and_jumps_to_a_page(served: Served, browser: A
     page.fill("#gallery-page", str(last))
     page.press("#gallery-page", "Enter")
     expect(page.locator("#gallery-pos")).to_have_text(f"{(last - 1) * 24 + 1}–{total} of {total}")
+
+    schemas = served.get("/openapi.json")["components"]["schemas"]
+    if "prediction" in schemas["InfluenceResult"]["properties"]:  # the model can tell
+        page.check("#gallery-misclassified")
+        expect(page.locator("#gallery-note")).to_have_text("")
+        cards = page.locator("#gallery .card")
+        expect(cards.locator(".predicted.wrong")).to_have_count(cards.count())
+        results = served.post(f"/v1/indexes/{SERVED_INDEX}/influence",
+                              {"examples": list(threes.values()), "k": 1})["results"]
+        expected = [i for i, r in zip(threes, results, strict=True) if r["prediction"] != 3]
+        assert cards.evaluate_all("cs => cs.map(c => c.dataset.id)") == expected[:24]
+    else:  # a server that does not say: no such filter offered
+        expect(page.locator("#misclassified-box")).to_be_hidden()
     page.context.close()
 
 

@@ -8,6 +8,8 @@ const state = {
   index: null, version: null, view: "query",
   scope: null,           // "admin" | "read" | "keyless" | null (unknown: the server has no whoami)
   canQueryIds: false,    // the influence endpoint takes {"ids": [...]} (train-to-train)
+  canPredict: false,     // influence results carry the model's prediction for each query
+  predictions: new Map(),  // gallery id -> prediction, asked for as pages are shown
   gallery: {offset: 0, all: null, total: 0, label: "", misclassified: false},
   query: null,           // {kind: "gallery" | "train" | "payload", id, payload, render, meta}
   shown: null,           // what the result panel shows: the export's content
@@ -48,7 +50,8 @@ async function loadCapabilities() {
     const schemas = (spec.components && spec.components.schemas) || {};
     const request = schemas.InfluenceRequest || {};
     state.canQueryIds = "ids" in (request.properties || {});
-  } catch (e) { state.canQueryIds = false; }
+    state.canPredict = "prediction" in ((schemas.InfluenceResult || {}).properties || {});
+  } catch (e) { state.canQueryIds = false; state.canPredict = false; }
 }
 
 async function loadScope() {
@@ -197,6 +200,7 @@ function writeUrl(push = false) {
   if (state.query) p.set("query", queryRef(state.query));
   p.set("k", String(kValue()));
   if ($("normalize").checked) p.set("relative", "1");
+  if ($("filter").value.trim()) p.set("filter", $("filter").value.trim());
   if (state.gallery.label !== "") p.set("label", state.gallery.label);
   if (state.gallery.offset) p.set("gallery", String(state.gallery.offset));
   if (state.self.bin !== null) p.set("bin", String(state.self.bin));
@@ -210,6 +214,7 @@ function readUrl() {
   const k = Number(p.get("k"));
   if (k >= 1) $("k").value = String(Math.min(MAX_K, Math.round(k)));
   $("normalize").checked = p.get("relative") === "1";
+  $("filter").value = p.get("filter") || "";
   state.gallery.label = p.get("label") || "";
   state.gallery.offset = Math.max(0, Number(p.get("gallery")) || 0);
   state.self.bin = p.has("bin") ? Number(p.get("bin")) : null;
@@ -230,7 +235,7 @@ async function queryFromRef(ref) {
     const all = await loadFullGallery();
     const item = (all || []).find((g) => g.id === rest);
     if (!item) throw new Error(`the gallery has no example ${rest}`);
-    return {kind, id: item.id, payload: item.payload, render: item.render, prediction: item.prediction};
+    return {kind, id: item.id, payload: item.payload, render: item.render};
   }
   throw new Error(`the link's query ${ref} is not one this page knows`);
 }
@@ -266,6 +271,7 @@ function setIndex(name) {
 }
 $("index-select").addEventListener("change", async (e) => {
   Object.assign(state.gallery, {label: "", misclassified: false});
+  $("gallery-misclassified").checked = false;
   Object.assign(state.self, {offset: 0, bin: null});
   setIndex(e.target.value);
   state.query = null; clearResults(); writeUrl(true);
@@ -293,10 +299,37 @@ function loadFullGallery() {
   fullGallery = {index, promise};
   return promise;
 }
+function isMisclassified(item) {
+  const p = state.predictions.get(`${state.index}\n${item.id}`), label = labelOf(item);
+  return p !== undefined && p !== null && label !== undefined && String(p) !== String(label);
+}
+async function predict(items, progress = false) {
+  // the model's predictions for gallery examples: influence queries with k = 1, batched
+  if (!state.canPredict) return;
+  const index = state.index, key = (item) => `${index}\n${item.id}`;
+  const todo = items.filter((item) => !state.predictions.has(key(item)));
+  for (let at = 0; at < todo.length; at += 64) {
+    const batch = todo.slice(at, at + 64);
+    if (progress) $("gallery-note").textContent = `asking the model: ${at} of ${todo.length}…`;
+    const data = await api(`/v1/indexes/${encodeURIComponent(index)}/influence`, {
+      method: "POST", body: JSON.stringify({examples: batch.map((i) => i.payload), k: 1})});
+    data.results.forEach((r, i) => state.predictions.set(key(batch[i]), queryFacts(r).prediction));
+  }
+}
+function markPredictions(grid) {
+  for (const el of grid.querySelectorAll(".card[data-id]")) {
+    const item = {id: el.dataset.id, ...(el._item || {})};
+    const p = state.predictions.get(`${state.index}\n${item.id}`);
+    if (p === undefined || p === null || el.querySelector(".predicted")) continue;
+    const span = document.createElement("div");
+    span.className = "predicted" + (isMisclassified(item) ? " wrong" : " muted");
+    span.textContent = `predicted ${p}`; el.querySelector(".caption").appendChild(span);
+  }
+}
 function galleryItems() {
   const g = state.gallery;
   return g.all.filter((item) => (g.label === "" || String(labelOf(item)) === g.label) &&
-    (!g.misclassified || (item.prediction !== undefined && item.prediction !== labelOf(item))));
+    (!g.misclassified || isMisclassified(item)));
 }
 async function fillLabels() {
   let all;
@@ -307,8 +340,8 @@ async function fillLabels() {
   for (const l of labels) select.add(new Option(`label ${l}`, l));
   select.value = labels.includes(state.gallery.label) ? state.gallery.label : "";
   state.gallery.label = select.value;
-  // "misclassified" only where the server tells the gallery's predictions
-  $("misclassified-box").hidden = !all.some((item) => item.prediction !== undefined);
+  // "misclassified" only where the server tells the model's predictions
+  $("misclassified-box").hidden = !state.canPredict;
   $("gallery-note").textContent = state.gallery.total > all.length
     ? `filters cover the first ${all.length} of ${state.gallery.total}` : "";
   if (state.gallery.label !== "") loadGallery();
@@ -333,12 +366,12 @@ async function loadGallery() {
   $("json-block").open = g.total === 0;
   for (const item of items) {
     const el = card(item, `${esc(item.id)}<br>${esc(labelText(item))}`);
-    el.dataset.id = item.id;
+    el.dataset.id = item.id; el._item = item;
     if (state.query && state.query.kind === "gallery" && state.query.id === item.id) {
       el.classList.add("chosen");
     }
     pickable(el, () => choose({kind: "gallery", id: item.id, payload: item.payload,
-                               render: item.render, prediction: item.prediction}));
+                               render: item.render}));
     grid.appendChild(el);
   }
   const last = Math.min(offset + PAGE, total), pages = Math.max(1, Math.ceil(total / PAGE));
@@ -349,6 +382,11 @@ async function loadGallery() {
   $("gallery-prev").disabled = offset === 0;
   $("gallery-next").disabled = last >= total;
   writeUrl();
+  markPredictions(grid);
+  if (state.canPredict) {
+    predict(items).then(() => { if (seq === state.gallerySeq) markPredictions(grid); })
+      .catch(() => null);  // a page without predictions is still a page
+  }
 }
 function galleryTo(offset) { state.gallery.offset = Math.max(0, offset); loadGallery(); }
 $("gallery-prev").onclick = () => galleryTo(state.gallery.offset - PAGE);
@@ -361,8 +399,14 @@ $("gallery-label").addEventListener("change", async (e) => {
   state.gallery.label = e.target.value; state.gallery.offset = 0;
   await loadFullGallery().catch(() => null); loadGallery();
 });
-$("gallery-misclassified").addEventListener("change", (e) => {
-  state.gallery.misclassified = e.target.checked; state.gallery.offset = 0; loadGallery();
+$("gallery-misclassified").addEventListener("change", async (e) => {
+  state.gallery.misclassified = e.target.checked; state.gallery.offset = 0;
+  if (e.target.checked) {
+    try { await predict(await loadFullGallery(), true); }
+    catch (err) { say(err.message, true); }
+    $("gallery-note").textContent = "";
+  }
+  loadGallery();
 });
 
 // ------------------------------------------------------------------ influence
@@ -388,6 +432,17 @@ $("payload-go").onclick = () => {
 // k and relative influence re-run the query on screen: never stale cards
 $("k").addEventListener("change", () => { $("k").value = String(kValue()); writeUrl(); attribute(); });
 $("normalize").addEventListener("change", () => { writeUrl(); attribute(); });
+$("filter").addEventListener("change", () => { writeUrl(); attribute(); });
+function metadataFilter() {
+  // the filter box: JSON on the training examples' metadata, or empty for none
+  const text = $("filter").value.trim();
+  if (!text) return null;
+  const filter = JSON.parse(text);
+  if (!filter || typeof filter !== "object" || Array.isArray(filter)) {
+    throw new Error('a filter is a JSON object, such as {"label": 3}');
+  }
+  return filter;
+}
 
 function clearResults() {
   for (const id of ["proponents", "opponents"]) { $(id).innerHTML = ""; $(id).classList.remove("busy"); }
@@ -401,6 +456,10 @@ function queryName(q) {
   return q.kind === "payload" ? "pasted payload" : q.kind === "train" ? `training example ${q.id}` : q.id;
 }
 
+function queryFacts(result) {
+  // prediction, confidence and loss of a query: on its result, or under its `query`
+  return Object.assign({}, result.query || {}, result);
+}
 function showQueryCard(q, result) {
   const box = $("query-card"); box.innerHTML = "";
   box.appendChild(card(q, esc(queryName(q))));
@@ -412,7 +471,7 @@ function showQueryCard(q, result) {
   };
   const label = labelOf(q);
   if (label !== undefined) add("label", esc(label), "query-label");
-  const r = result || {};
+  const r = queryFacts(result || {});
   if (r.prediction !== undefined && r.prediction !== null) {
     const wrong = label !== undefined && String(r.prediction) !== String(label);
     const conf = typeof r.confidence === "number" ? ` (confidence ${(100 * r.confidence).toFixed(1)}%)` : "";
@@ -432,11 +491,15 @@ async function attribute() {
   const q = state.query;
   if (!q || !state.index) return;
   const seq = ++state.seq, k = kValue(), normalize = $("normalize").checked;
+  let filter;
+  try { filter = metadataFilter(); }
+  catch (e) { say(`the filter is not valid: ${e.message}`, true); return; }
   say("computing…");
   ["proponents", "opponents"].forEach((id) => $(id).classList.add("busy"));
   showQueryCard(q, null);
   try {
     const body = {k, direction: "both", normalize, render: true};
+    if (filter) body.filter = filter;
     let exclude = null;
     if (q.kind === "train" && state.canQueryIds) body.ids = [q.id];
     else {
@@ -451,12 +514,14 @@ async function attribute() {
       result[side] = (result[side] || []).filter((h) => h.id !== exclude).slice(0, k);
     }
     state.version = data.version; $("version").textContent = `version ${data.version}`;
-    state.shown = {index: data.index, version: data.version, k, normalize, query: q, result};
+    state.shown = {index: data.index, version: data.version, k, normalize, filter, query: q,
+                   result};
     showQueryCard(q, result);
     showHits(result);
     // what the result grids show, for whoever reads the page (tests, scripts)
     Object.assign($("proponents").dataset, {query: queryRef(q), k: String(k),
-                                             normalize: String(normalize)});
+                                             normalize: String(normalize),
+                                             filter: filter ? JSON.stringify(filter) : ""});
     $("export-csv").disabled = false; $("export-json").disabled = false;
     say("");
   } catch (e) {
@@ -520,9 +585,11 @@ $("export-csv").onclick = () => {
 $("export-json").onclick = () => {
   const s = state.shown, q = s.query, r = s.result;
   const out = {index: s.index, version: s.version, k: s.k, normalize: s.normalize,
+               filter: s.filter,
                query: {kind: q.kind, id: q.id ?? null, payload: q.payload},
-               prediction: r.prediction ?? null, confidence: r.confidence ?? null,
-               loss: r.loss ?? null, results: exportRows()};
+               prediction: queryFacts(r).prediction ?? null,
+               confidence: queryFacts(r).confidence ?? null, loss: queryFacts(r).loss ?? null,
+               results: exportRows()};
   download(exportName("json"), "application/json", JSON.stringify(out, null, 2));
 };
 $("copy-link").onclick = async () => {
@@ -579,8 +646,9 @@ function showSelf(page, bin) {
     body.appendChild(tr);
   });
   const shownEnd = state.self.offset + page.results.length;
+  const of = !bin && typeof page.total === "number" ? ` of ${page.total}` : "";
   $("self-pos").textContent = page.results.length
-    ? `${base + 1}–${base + page.results.length}` : "no example";
+    ? `${base + 1}–${base + page.results.length}${of}` : "no example";
   $("self-prev").disabled = state.self.offset === 0;
   $("self-next").disabled = bin ? shownEnd >= bin.count : page.next_offset === null;
   $("self-filter").textContent = bin
