@@ -9,6 +9,7 @@ const state = {
   scope: null,           // "admin" | "read" | "keyless" | null (unknown: the server has no whoami)
   canQueryIds: false,    // the influence endpoint takes {"ids": [...]} (train-to-train)
   canPredict: false,     // influence results carry the model's prediction for each query
+  canRenderExample: false,  // GET .../examples/{id} takes ?render=true
   predictions: new Map(),  // gallery id -> prediction, asked for as pages are shown
   gallery: {offset: 0, all: null, total: 0, label: "", misclassified: false},
   query: null,           // {kind: "gallery" | "train" | "payload", id, payload, render, meta}
@@ -51,6 +52,8 @@ async function loadCapabilities() {
     const request = schemas.InfluenceRequest || {};
     state.canQueryIds = "ids" in (request.properties || {});
     state.canPredict = "prediction" in ((schemas.InfluenceResult || {}).properties || {});
+    const example = (spec.paths || {})["/v1/indexes/{name}/examples/{example_id}"] || {};
+    state.canRenderExample = ((example.get || {}).parameters || []).some((p) => p.name === "render");
   } catch (e) { state.canQueryIds = false; state.canPredict = false; }
 }
 
@@ -228,7 +231,8 @@ async function queryFromRef(ref) {
     return {kind, payload: JSON.parse(decodeURIComponent(escape(atob(rest))))};
   }
   if (kind === "train") {
-    const ex = await api(ixPath(`/examples/${encodeURIComponent(rest)}`));
+    const ex = await api(ixPath(`/examples/${encodeURIComponent(rest)}` +
+                                (state.canRenderExample ? "?render=true" : "")));
     return {kind, id: ex.id, payload: ex.payload, meta: ex.meta, render: ex.render};
   }
   if (kind === "gallery") {
@@ -320,9 +324,10 @@ function markPredictions(grid) {
   for (const el of grid.querySelectorAll(".card[data-id]")) {
     const item = {id: el.dataset.id, ...(el._item || {})};
     const p = state.predictions.get(`${state.index}\n${item.id}`);
-    if (p === undefined || p === null || el.querySelector(".predicted")) continue;
+    // only the mistakes: what a triage looks for
+    if (!isMisclassified(item) || el.querySelector(".predicted")) continue;
     const span = document.createElement("div");
-    span.className = "predicted" + (isMisclassified(item) ? " wrong" : " muted");
+    span.className = "predicted wrong";
     span.textContent = `predicted ${p}`; el.querySelector(".caption").appendChild(span);
   }
 }
