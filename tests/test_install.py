@@ -73,7 +73,8 @@ def test_the_wheel_ships_one_namespace_with_its_migrations_and_page(wheel: Path)
     tops = {n.split("/")[0] for n in names if not n.startswith("gradindex-")}
     assert tops == {"gradindex", "gradindex_client"}
     for shipped in ("gradindex/migrations/alembic.ini", "gradindex/migrations/env.py",
-                    "gradindex/migrations/script.py.mako", "gradindex/server/static/index.html"):
+                    "gradindex/migrations/script.py.mako", "gradindex/server/static/index.html",
+                    "gradindex/server/static/page.js", "gradindex/server/static/favicon.ico"):
         assert shipped in names
     assert sum(n.startswith("gradindex/migrations/versions/0") for n in names) >= 2
 

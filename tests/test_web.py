@@ -80,11 +80,11 @@ def test_web_page_queries_browses_and_deletes(demo) -> None:
         expect(rows).to_have_count(25)
         first_id = rows.first.get_attribute("data-id")
         assert first_id
-        histogram_drawn = page.evaluate(
-            "() => { const c = document.getElementById('histogram');"
-            " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-            " return d.some((v, i) => i % 4 === 3 && v > 0); }")
-        assert histogram_drawn
+        bins = page.locator("#histogram g.bin-group")
+        expect(bins).to_have_count(40)
+        counts = [int(c or 0) for c in bins.evaluate_all(
+            "gs => gs.map(g => g.getAttribute('data-count'))")]
+        assert sum(counts) > 0
         page.on("dialog", lambda dialog: dialog.accept())
         rows.first.locator("button.delete").click()
         expect(page.locator("#status")).to_contain_text(f"deleted {first_id}")
@@ -94,29 +94,3 @@ def test_web_page_queries_browses_and_deletes(demo) -> None:
 
     with Client(server.url, api_key=keys["read"]) as api, pytest.raises(NotFound):
         api.example("digits", first_id)
-
-
-def test_web_page_delete_needs_an_admin_key(demo) -> None:
-    """The page shows the server's refusal when a read key tries to delete."""
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import expect, sync_playwright
-
-    server, keys = demo
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.fill("#api-key", keys["read"])
-        page.dispatch_event("#api-key", "change")
-        expect(page.locator("#index-select")).to_contain_text("digits")
-        page.click("#tab-self")
-        rows = page.locator("#self-table tbody tr")
-        expect(rows).to_have_count(25)
-        victim = rows.first.get_attribute("data-id")
-        page.on("dialog", lambda dialog: dialog.accept())
-        rows.first.locator("button.delete").click()
-        expect(page.locator("#status")).to_contain_text("403")
-        browser.close()
-    with Client(server.url, api_key=keys["read"]) as api:
-        assert api.example("digits", victim).id == victim

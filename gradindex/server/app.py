@@ -159,8 +159,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await registry.stop()
 
+    # /docs and /redoc are the page router's: served with local assets, they work offline
     app = FastAPI(title="gradindex", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
