@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from gradindex.indexer.errors import ConfigError, TaskError
 from gradindex.indexer.examples import Hit
 
 from .auth import AdminKey, ReadKey
-from .errors import IndexUnavailable
+from .errors import ClientGone, IndexUnavailable, LimitExceeded
 from .indexes import IndexRegistry, Served
 from .schemas import (
     CONTRACT_VERSION,
@@ -120,10 +120,35 @@ def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
                           f"request, got {len(examples)}; split the request")
 
 
-async def _queries(served: Served, examples: Sequence[dict[str, Any]],
-                   settings: ServerSettings) -> torch.Tensor:
-    _check_examples(examples, settings)
-    return await served.worker.query(examples)
+def _check_budget(hits: int, settings: ServerSettings, what: str) -> None:
+    """Refuse (413) a request whose response would hold more than ``max_results`` hits."""
+    if hits > settings.max_results:
+        raise LimitExceeded(f"this request asks for {hits:,} results ({what}), more than "
+                            f"{settings.max_results:,} (GRADINDEX_MAX_RESULTS); lower `k` or "
+                            "send fewer examples per request")
+
+
+def _batches(examples: Sequence[dict[str, Any]], settings: ServerSettings
+             ) -> Iterator[tuple[int, Sequence[dict[str, Any]]]]:
+    """``(start, examples)`` of one model pass each: the points where a request whose client
+    has gone stops."""
+    step = settings.max_batch
+    for start in range(0, len(examples), step):
+        yield start, examples[start : start + step]
+
+
+async def _stop_if_gone(request: Request, done: int, total: int) -> None:
+    """Stop a request whose client disconnected (at a batch boundary), in one log line.
+
+    Raises:
+        ClientGone: the client is gone; nobody reads the answer.
+    """
+    if await request.is_disconnected():
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        request.app.state.metrics.abandoned.labels(route).inc(total - done)
+        log.info("client gone: %s %s stopped after %d of %d examples", request.method,
+                 request.url.path, done, total)
+        raise ClientGone(f"the client disconnected after {done} of {total} examples")
 
 
 def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
@@ -139,6 +164,7 @@ def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
 # ------------------------------------------------------------------ health
 
 
+@health_router.head("/v1/health", include_in_schema=False)
 @health_router.get("/v1/health", response_model=Health)
 async def health(registry: Registry, settings: SettingsDep) -> Health:
     """Liveness: the server answers and its device workers run (no key needed)."""
@@ -186,12 +212,14 @@ async def get_index(_key: ReadKey, name: IndexName, registry: Registry) -> Index
 
 @router.post("/{name}/influence", response_model=InfluenceResponse)
 async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
-                    settings: SettingsDep) -> InfluenceResponse:
+                    settings: SettingsDep, request: Request) -> InfluenceResponse:
     """The top-k proponents and/or opponents of each test example."""
-    q = await _queries(served, body.examples, settings)
     directions = ["proponents", "opponents"] if body.direction == "both" else [body.direction]
+    _check_budget(len(body.examples) * body.k * len(directions), settings,
+                  "examples × k × directions")
+    _check_examples(body.examples, settings)
 
-    def search() -> list[InfluenceResult]:
+    def search(q: torch.Tensor) -> list[InfluenceResult]:
         found = {d: served.index.search(q, body.k, direction=d, filter=body.filter,
                                         normalize=body.normalize) for d in directions}
         shown = served if body.render else None
@@ -199,33 +227,51 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
                                    for d in directions})
                 for i in range(len(q))]
 
-    results = await run_in_threadpool(search)
+    results: list[InfluenceResult] = []
+    for start, chunk in _batches(body.examples, settings):
+        await _stop_if_gone(request, start, len(body.examples))
+        q = await served.worker.query(chunk)
+        results += await run_in_threadpool(search, q)
     return InfluenceResponse(index=served.index.name, version=served.index.version,
                              results=results)
 
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
 async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
-                 settings: SettingsDep) -> ScoresResponse:
+                 settings: SettingsDep, request: Request) -> ScoresResponse:
     """Exact scores ``[example][id]`` against the given (or every live) training id."""
     _check_examples(body.examples, settings)
+    if body.ids is not None and len(body.ids) > settings.max_ids:
+        raise LimitExceeded(f"`ids` may name at most {settings.max_ids:,} training examples per "
+                            f"request (GRADINDEX_MAX_IDS), got {len(body.ids):,}; split the "
+                            "request")
     wanted = len(body.ids) if body.ids is not None else served.index.count
     if wanted * len(body.examples) > MAX_SCORES:
         raise ConfigError(f"this request asks for {wanted * len(body.examples):,} scores, more "
                           f"than {MAX_SCORES:,}; pass `ids`, or fewer examples")
-    q = await _queries(served, body.examples, settings)
-    ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
-    if not np.isfinite(matrix).all():
-        _finite(float("inf"))
+    ids: list[str] = []
+    rows: list[list[float]] = []
+    for start, chunk in _batches(body.examples, settings):
+        await _stop_if_gone(request, start, len(body.examples))
+        q = await served.worker.query(chunk)
+        ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
+        if not np.isfinite(matrix).all():
+            _finite(float("inf"))
+        rows += matrix.tolist()
     return ScoresResponse(index=served.index.name, version=served.index.version, ids=ids,
-                          scores=matrix.tolist())
+                          scores=rows)
 
 
 @router.post("/{name}/select", response_model=SelectResponse)
 async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
-                 settings: SettingsDep) -> SelectResponse:
+                 settings: SettingsDep, request: Request) -> SelectResponse:
     """Training examples ranked by mean influence over the examples (data selection)."""
-    q = await _queries(served, body.examples, settings)
+    _check_examples(body.examples, settings)
+    parts = []
+    for start, chunk in _batches(body.examples, settings):
+        await _stop_if_gone(request, start, len(body.examples))
+        parts.append(await served.worker.query(chunk))
+    q = torch.cat(parts)
     hits = await run_in_threadpool(lambda: served.index.select(
         q, body.k, filter=body.filter, normalize=body.normalize))
     results = [_example(h) for h in hits]

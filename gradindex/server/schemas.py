@@ -75,7 +75,8 @@ class InfluenceRequest(_Request):
     """Most influential training examples of each test example."""
 
     examples: list[Payload] = Field(min_length=1, description="Test examples (task payloads).")
-    k: int = Field(10, ge=1, le=MAX_K, description="Results per example and direction.")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True,
+                   description="Results per example and direction.")
     direction: Literal["proponents", "opponents", "both"] = "proponents"
     filter: Filter | None = Field(
         None, description="Search only training examples whose metadata match.")
@@ -119,7 +120,7 @@ class SelectRequest(_Request):
     """Training examples ranked by their mean influence over a target set (data selection)."""
 
     examples: list[Payload] = Field(min_length=1, description="The target set.")
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)
     filter: Filter | None = None
     normalize: bool = False
 
