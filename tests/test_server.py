@@ -189,7 +189,7 @@ def test_bad_input_is_a_4xx_that_names_the_problem(
         (post(b'{"examples": ['), 400, "MalformedJSON", "not valid JSON"),
         (post('{"examples": [{"x": [1, 2], "y": 1}]}'), 422, "TaskError", "64 numbers"),
         (post('{"examples": [{"x": "abc"}]}'), 422, "TaskError", "'x' (features) and 'y'"),
-        (post(nan), 422, "NonFiniteLoss", "NaN or infinite"),
+        (post(nan), 422, "ValidationError", "`examples[0].x[0]`: NaN"),
         (post(json.dumps({"examples": payloads[:1], "k": 0})), 422, "ValidationError", "`k`"),
         (post(json.dumps({"examples": payloads[:1], "k": 1001})), 422, "ValidationError",
          "`k`"),

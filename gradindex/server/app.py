@@ -24,6 +24,7 @@ from gradindex.indexer.store import connect
 
 from .browse import browse_router
 from .errors import error_response, install_error_handlers
+from .guard import RequestGuard
 from .indexes import IndexRegistry
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .page import page_router
@@ -159,9 +160,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await registry.stop()
 
-    # /docs and /redoc are the page router's: served with local assets, they work offline
+    # /docs and /redoc are the page router's: served with local assets, they work offline.
+    # No redirects (`/v1/indexes/` → `/v1/indexes`): Starlette builds them from the Host
+    # header, which a client chooses.
     app = FastAPI(title="gradindex", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url=None, redoc_url=None)
+                  lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
@@ -177,6 +180,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             metrics.queue_depth.labels(worker.name).set(worker.depth)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(RequestGuard, allowed_hosts=settings.host_allow_list)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -28,8 +28,10 @@ from gradindex.indexer.store import KeyNotFound
 __all__ = [
     "STATUS",
     "BodyTooLarge",
+    "ClientGone",
     "Forbidden",
     "IndexUnavailable",
+    "LimitExceeded",
     "Overloaded",
     "ServerError",
     "Unauthorized",
@@ -57,6 +59,14 @@ class BodyTooLarge(ServerError):
     """The request body is above ``GRADINDEX_MAX_BODY_BYTES``."""
 
 
+class LimitExceeded(ServerError):
+    """A request asks for more than a server limit allows (ids, hits); the message names it."""
+
+
+class ClientGone(ServerError):
+    """The client disconnected; its request's work stopped at the next batch boundary."""
+
+
 class Overloaded(ServerError):
     """A device worker's queue is full; try again after ``retry_after`` seconds."""
 
@@ -76,9 +86,11 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (ExampleNotFound, 404),
     (KeyNotFound, 404),
     (BodyTooLarge, 413),
+    (LimitExceeded, 413),
     (NonFiniteLoss, 422),
     (TaskError, 422),
     (ConfigError, 422),
+    (ClientGone, 499),
     (Overloaded, 503),
     (IndexUnavailable, 503),
     (StorageError, 503),

@@ -37,6 +37,10 @@ class Metrics:
         self.pass_seconds = Histogram(
             "gradindex_pass_seconds", "Duration of one model pass (query gradients).", ["model"],
             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.abandoned = Counter(
+            "gradindex_abandoned_examples",
+            "Examples of requests whose client disconnected, left unprocessed.", ["route"],
+            registry=self.registry)
         self.rejected = Counter(
             "gradindex_rejected", "Requests turned away with 503 because a queue was full.",
             ["model"], registry=self.registry)

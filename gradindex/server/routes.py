@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from gradindex.indexer.examples import Hit
 from gradindex.indexer.predict import NONE, Prediction
 
 from .auth import AdminKey, ReadKey
-from .errors import IndexUnavailable
+from .errors import ClientGone, IndexUnavailable, LimitExceeded
 from .indexes import IndexRegistry, Served
 from .schemas import (
     CONTRACT_VERSION,
@@ -124,10 +124,47 @@ def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
                           f"request, got {len(examples)}; split the request")
 
 
+def _check_budget(hits: int, settings: ServerSettings, what: str) -> None:
+    """Refuse (413) a request whose response would hold more than ``max_results`` hits."""
+    if hits > settings.max_results:
+        raise LimitExceeded(f"this request asks for {hits:,} results ({what}), more than "
+                            f"{settings.max_results:,} (GRADINDEX_MAX_RESULTS); lower `k` or "
+                            "send fewer examples per request")
+
+
+def _batches(examples: Sequence[dict[str, Any]], settings: ServerSettings
+             ) -> Iterator[tuple[int, Sequence[dict[str, Any]]]]:
+    """``(start, examples)`` of one model pass each: the points where a request whose client
+    has gone stops."""
+    step = settings.max_batch
+    for start in range(0, len(examples), step):
+        yield start, examples[start : start + step]
+
+
+async def _stop_if_gone(request: Request, done: int, total: int) -> None:
+    """Stop a request whose client disconnected (at a batch boundary), in one log line.
+
+    Raises:
+        ClientGone: the client is gone; nobody reads the answer.
+    """
+    if await request.is_disconnected():
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        request.app.state.metrics.abandoned.labels(route).inc(total - done)
+        log.info("client gone: %s %s stopped after %d of %d examples", request.method,
+                 request.url.path, done, total)
+        raise ClientGone(f"the client disconnected after {done} of {total} examples")
+
+
 async def _queries(served: Served, examples: Sequence[dict[str, Any]],
-                   settings: ServerSettings) -> torch.Tensor:
+                   settings: ServerSettings, request: Request) -> torch.Tensor:
+    """The query vectors ``[Q, dim]`` of ``examples``, one model pass per batch; a request
+    whose client has gone stops at the next batch."""
     _check_examples(examples, settings)
-    return await served.worker.query(examples)
+    parts = []
+    for start, chunk in _batches(examples, settings):
+        await _stop_if_gone(request, start, len(examples))
+        parts.append(await served.worker.query(chunk))
+    return torch.cat(parts)
 
 
 def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
@@ -143,6 +180,7 @@ def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
 # ------------------------------------------------------------------ health
 
 
+@health_router.head("/v1/health", include_in_schema=False)
 @health_router.get("/v1/health", response_model=Health)
 async def health(registry: Registry, settings: SettingsDep) -> Health:
     """Liveness: the server answers and its device workers run (no key needed)."""
@@ -213,12 +251,15 @@ async def _predict(served: Served, payloads: Sequence[Any]) -> list[Prediction]:
 
 @router.post("/{name}/influence", response_model=InfluenceResponse)
 async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
-                    settings: SettingsDep) -> InfluenceResponse:
+                    settings: SettingsDep, request: Request) -> InfluenceResponse:
     """The top-k proponents (score > 0) and/or opponents (score < 0) of each test example
     (`examples`), or of stored training examples (`ids`, train-to-train, no model pass), with
     how many examples score on each side of zero and the model's prediction, confidence and
     loss for each query."""
     index = served.index
+    directions = ["proponents", "opponents"] if body.direction == "both" else [body.direction]
+    asked = len(body.ids) if body.ids is not None else len(body.examples or [])
+    _check_budget(asked * body.k * len(directions), settings, "examples × k × directions")
     skip: list[int | None] | None = None
     if body.ids is not None:
         if len(body.ids) > settings.max_examples:
@@ -231,9 +272,8 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
         names: list[str | None] = list(body.ids)
     else:
         examples = body.examples or []
-        q = (await _queries(served, examples, settings)).numpy()
+        q = (await _queries(served, examples, settings, request)).numpy()
         payloads, names = list(examples), [None] * len(examples)
-    directions = ["proponents", "opponents"] if body.direction == "both" else [body.direction]
     predicted = await _predict(served, payloads)
 
     def search() -> list[InfluenceResult]:
@@ -258,14 +298,18 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
 async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
-                 settings: SettingsDep) -> ScoresResponse:
+                 settings: SettingsDep, request: Request) -> ScoresResponse:
     """Exact scores ``[example][id]`` against the given (or every live) training id."""
     _check_examples(body.examples, settings)
+    if body.ids is not None and len(body.ids) > settings.max_ids:
+        raise LimitExceeded(f"`ids` may name at most {settings.max_ids:,} training examples per "
+                            f"request (GRADINDEX_MAX_IDS), got {len(body.ids):,}; split the "
+                            "request")
     wanted = len(body.ids) if body.ids is not None else served.index.count
     if wanted * len(body.examples) > MAX_SCORES:
         raise ConfigError(f"this request asks for {wanted * len(body.examples):,} scores, more "
                           f"than {MAX_SCORES:,}; pass `ids`, or fewer examples")
-    q = await _queries(served, body.examples, settings)
+    q = await _queries(served, body.examples, settings, request)
     wanted_ids, missing = body.ids, []
     if body.ids is not None and body.missing == "skip":
         live = await run_in_threadpool(served.index.examples.live_ids, body.ids)
@@ -280,9 +324,9 @@ async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
 
 @router.post("/{name}/select", response_model=SelectResponse)
 async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
-                 settings: SettingsDep) -> SelectResponse:
+                 settings: SettingsDep, request: Request) -> SelectResponse:
     """Training examples ranked by mean influence over the examples (data selection)."""
-    q = await _queries(served, body.examples, settings)
+    q = await _queries(served, body.examples, settings, request)
     hits = await run_in_threadpool(lambda: served.index.select(
         q, body.k, filter=body.filter, normalize=body.normalize))
     results = [_example(h) for h in hits]

@@ -114,7 +114,8 @@ class InfluenceRequest(_Request):
     include_self: bool = Field(
         False, description="With `ids`: let a training example appear in its own results "
                            "(left out by default).")
-    k: int = Field(10, ge=1, le=MAX_K, description="Results per example and direction.")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True,
+                   description="Results per example and direction.")
     direction: Literal["proponents", "opponents", "both"] = "proponents"
     filter: Filter | None = Field(None, description=FILTER_DESCRIPTION,
                                   examples=FILTER_EXAMPLES)
@@ -189,7 +190,7 @@ class SelectRequest(_Request):
     """Training examples ranked by their mean influence over a target set (data selection)."""
 
     examples: list[Payload] = Field(min_length=1, description="The target set.")
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)
     filter: Filter | None = Field(None, description=FILTER_DESCRIPTION, examples=FILTER_EXAMPLES)
     normalize: bool = False
 

@@ -9,7 +9,10 @@ from pydantic import Field, model_validator
 
 from gradindex.indexer.settings import Settings
 
-__all__ = ["ServerSettings", "is_loopback"]
+__all__ = ["LOOPBACK_HOSTS", "ServerSettings", "is_loopback"]
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""The ``Host`` names a keyless server answers to by default."""
 
 
 def is_loopback(host: str) -> bool:
@@ -56,6 +59,40 @@ class ServerSettings(Settings):
         default=2.0, ge=0,
         description="How often a request checks for a newly published version (seconds).")
 
+    # ---------------------------------------------------------------- production limits
+    max_ids: int = Field(
+        default=10_000, ge=1, le=60_000,
+        description="Training ids one `/scores` request may name (413 beyond).")
+    max_results: int = Field(
+        default=20_000, ge=1,
+        description="Hits one request may return: examples × k × directions (413 beyond).")
+    allowed_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated `Host` names the server answers to (`*`: any; "
+                    "`.example.org`: it and its subdomains); others get 421. Unset: loopback "
+                    "names only when keys are off, any otherwise.")
+    metrics_key: str | None = Field(
+        default=None,
+        description="When set, `/metrics` needs `Authorization: Bearer <metrics_key>`.")
+    serve_only: str | None = Field(
+        default=None,
+        description="Comma-separated names of the only indexes this server serves "
+                    "(the demo serves its own); unset: every index of the data directory.")
+    timeout_keep_alive_s: int = Field(
+        default=5, ge=1, le=3600,
+        description="Seconds an idle keep-alive connection is kept open.")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600,
+        description="Seconds a connection may take to send a request's headers (slow "
+                    "clients are closed; slowloris).")
+    limit_concurrency: int = Field(
+        default=512, ge=1,
+        description="Connections and requests at once; beyond, new ones get 503. Keep it "
+                    "below the open-file limit (`ulimit -n`).")
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024,
+        description="Bytes of request line and headers at most (h11).")
+
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> ServerSettings:
         if self.auth == "off" and not is_loopback(self.host):
@@ -68,3 +105,19 @@ class ServerSettings(Settings):
     @property
     def auth_required(self) -> bool:
         return self.auth == "on"
+
+    @property
+    def host_allow_list(self) -> list[str] | None:
+        """The ``Host`` names answered to, or None for any (see ``allowed_hosts``)."""
+        if self.allowed_hosts is not None and self.allowed_hosts.strip():
+            return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        if not self.auth_required:
+            return list(LOOPBACK_HOSTS)
+        return None
+
+    @property
+    def served_names(self) -> set[str] | None:
+        """The only indexes served (``serve_only``), or None for all."""
+        if self.serve_only is None or not self.serve_only.strip():
+            return None
+        return {n.strip() for n in self.serve_only.split(",") if n.strip()}

@@ -1,0 +1,223 @@
+"""Reliability and security of the real server, one test (or a few) per finding of issue 14:
+bad input never gets a 5xx, budgets, checksums, outages, metrics, and the Host allow-list.
+
+Each test names the finding it covers (``finding5``...). The servers are real (``gradindex
+serve`` in a subprocess) over an index built once per backend, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gradindex import BuildConfig, Settings, build, open_index
+from gradindex.indexer.store import upgrade
+from gradindex.indexer.store.db import dispose_engines
+from gradindex.indexer.tasks import DigitsTask
+
+from .conftest import STORE_TASK, STORE_TASK_ARGS, LiveServer
+
+NAME = "digits"
+
+
+class Served:
+    """A keyless server on loopback over a fresh index ``digits`` of one backend."""
+
+    def __init__(self, backend: str, settings: Settings, server: LiveServer) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.server = server
+        self.url = server.url
+
+    def post(self, route: str, body: Any, **kwargs: Any) -> httpx.Response:
+        content = body if isinstance(body, bytes | str) else json.dumps(body)
+        return httpx.post(f"{self.url}/v1/indexes/{NAME}/{route}", content=content,
+                          headers={"Content-Type": "application/json"}, timeout=60, **kwargs)
+
+
+def _settings(backend: str, root: Path, pg_databases: Callable[[], str] | None) -> Settings:
+    url = pg_databases() if pg_databases is not None and backend == "postgresql" else None
+    settings = Settings(data_dir=root / "data", database_url=url)
+    if url is not None:
+        upgrade(settings)
+    return settings
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Served]:
+    """The server over a fresh index, once on SQLite and once on PostgreSQL."""
+    backend = str(request.param)
+    pg = request.getfixturevalue("pg_databases") if backend == "postgresql" else None
+    root = tmp_path_factory.mktemp(f"reliability-{backend}")
+    settings = _settings(backend, root, pg)
+    build(BuildConfig(name=NAME, task=STORE_TASK, task_args=dict(STORE_TASK_ARGS)), settings)
+    # One example per model pass: the batch boundaries where a request whose client is gone
+    # stops come after every example.
+    server = LiveServer(settings, root / "server.log", auth="off", max_batch="1").wait()
+    try:
+        yield Served(backend, settings, server)
+    finally:
+        server.stop()
+        dispose_engines()
+
+
+@pytest.fixture(scope="module")
+def payloads(store_task: DigitsTask) -> list[dict[str, Any]]:
+    return store_task.test_payloads(4)
+
+
+def _error(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    message = response.json()["error"]["message"]
+    assert all(w in message for w in words), message
+
+
+def _body(examples: list[dict[str, Any]], rest: str) -> str:
+    """A JSON body written by hand: ``examples`` and the raw members ``rest``."""
+    return '{"examples": ' + json.dumps(examples) + ", " + rest + "}"
+
+
+def _no_tracebacks(served: Served) -> None:
+    log = served.server.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert " 500 " not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------ finding 5: bad input
+
+
+def test_finding5_unstorable_values_anywhere_in_a_body_are_422_naming_the_place(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    one = payloads[:1]
+    big = 2**63
+    cases: list[tuple[str, Any, list[str]]] = [
+        ("influence", f'{{"examples": {json.dumps(one)}, "filter": {{"label": {big}}}}}',
+         ["`filter.label`", "64-bit"]),
+        ("influence", _body(one, '"filter": {"\\ud800": 1}'),
+         ["a key of `filter`", "surrogate"]),
+        ("influence", _body(one, '"filter": {"label": "\\ud800"}'),
+         ["`filter.label`", "surrogate"]),
+        ("scores", _body(one, '"ids": ["train-1", "\\udc00"]'),
+         ["`ids[1]`", "surrogate"]),
+        ("influence", _body(one, '"filter": {"source": "a\\u0000b"}'),
+         ["`filter.source`", "NUL"]),
+        ("scores", _body(one, '"ids": ["train-1\\u0000"]'),
+         ["`ids[0]`", "NUL"]),
+        ("influence", _body(one, '"filter": {"label": NaN}'),
+         ["`filter.label`", "NaN"]),
+        ("influence", _body(one, '"filter": {"label": [1, -Infinity]}'),
+         ["`filter.label[1]`", "-Infinity"]),
+        ("influence", '{"examples": [{"x": [1e400' + ", 0" * 63 + '], "y": 1}]}',
+         ["`examples[0].x[0]`", "1e400", "infinity"]),
+        ("select", '{"examples": [' + json.dumps(one[0]) + ', {"x": [0, 1e400], "y": 1}]}',
+         ["`examples[1].x[1]`", "infinity"]),
+        ("influence", b'{"examples": ' + b"[" * 200 + b"]" * 200 + b"}", ["nested", "64"]),
+    ]
+    for route, body, words in cases:
+        _error(served.post(route, body), 422, *words)
+    strict = served.post("influence", {"examples": one, "k": True})
+    _error(strict, 422, "`k`")
+    nul_path = httpx.get(f"{served.url}/v1/indexes/{NAME}/examples/train-1%00x")
+    _error(nul_path, 422, "NUL")
+    assert httpx.head(f"{served.url}/v1/health").status_code == 200
+    assert served.post("influence", {"examples": one, "k": 3}).status_code == 200
+    _no_tracebacks(served)
+
+
+def test_finding5_scores_ids_are_bounded_below_the_driver_limit(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    many = [f"train-{i}" for i in range(70_000)]
+    _error(served.post("scores", {"examples": payloads[:1], "ids": many}), 413,
+           "at most 10,000", "GRADINDEX_MAX_IDS", "70,000")
+    ids = [f"train-{i}" for i in range(300)]
+    ok = served.post("scores", {"examples": payloads[:1], "ids": ids})
+    assert ok.status_code == 200 and ok.json()["ids"] == ids
+    _no_tracebacks(served)
+
+
+def test_finding5_a_bad_request_keeps_the_connection_for_the_next(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    """Two pipelined requests on one connection: the bad first one does not drop the second."""
+    host, port = served.url.removeprefix("http://").split(":")
+    bad = _body(payloads[:1], f'"filter": {{"label": {2**64}}}')
+    good = json.dumps({"examples": payloads[:1], "k": 2})
+
+    def request(body: str) -> bytes:
+        data = body.encode()
+        return (f"POST /v1/indexes/{NAME}/influence HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                ).encode() + data
+
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request(bad) + request(good))
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+    assert statuses == [b"422", b"200"], received[:2000]
+
+
+# ------------------------------------------------------------------ finding 7: budgets
+
+
+def test_finding7_a_response_beyond_the_budget_is_413_naming_the_limit(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    body = {"examples": (payloads * 64)[:256], "k": 1000, "direction": "both", "render": True}
+    _error(served.post("influence", body), 413, "512,000", "20,000", "GRADINDEX_MAX_RESULTS")
+    assert served.post("influence", {**body, "examples": payloads[:4], "k": 50}
+                       ).status_code == 200
+    reference = open_index(NAME, served.settings)
+    assert reference.count == 300
+
+
+def test_finding7_work_for_a_disconnected_client_stops_at_the_next_batch(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    host, port = served.url.removeprefix("http://").split(":")
+    total = 256
+    data = json.dumps({"examples": (payloads * 64)[:total], "k": 20, "direction": "both",
+                       "render": True}).encode()
+    head = (f"POST /v1/indexes/{NAME}/influence HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head.encode() + data)
+    # The client is gone before the first model pass ends: the server stops at the next one,
+    # answering 499 to nobody and counting the examples it left.
+    route = "/v1/indexes/{name}/influence"
+
+    def abandoned() -> float:
+        found = re.search(rf'^gradindex_abandoned_examples_total{{route="{re.escape(route)}"}} '
+                          r"(\S+)$", httpx.get(f"{served.url}/metrics").text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    _wait_for(lambda: abandoned() > 0, "the cancellation")
+    answered = re.compile(rf'^gradindex_requests_total{{method="POST",route="{re.escape(route)}",'
+                          r'status="499"} 1\.0$', re.M)
+    _wait_for(lambda: answered.search(httpx.get(f"{served.url}/metrics").text) is not None,
+              "the 499 in the metrics")
+    assert 0 < abandoned() <= total
+    assert served.post("influence", {"examples": payloads[:1], "k": 2}).status_code == 200
+    _no_tracebacks(served)
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
