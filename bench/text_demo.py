@@ -6,10 +6,12 @@ problems): the demo model (trained until its loss has clearly dropped) and a del
 over-trained copy (trained on for many more epochs, until it memorises its answers). Settings:
 
 * ``default``: factorized-dropout, k = 2048 per mask × 2 masks, block Fisher from sampled
-  targets (what the ``auto`` Fisher picks for a language model: it has no ``logits``);
+  targets (what the ``auto`` Fisher picks for a language model: it has no ``logits``), fitted
+  on a bounded subset (``--fisher-subset`` examples × ``--samples`` targets);
 * ``dropout-sjlt``: the same with the SJLT compressor;
 * ``dot``: the same vectors, no preconditioner (plain compressed dot product);
 * ``relative``: the default scores divided by sqrt(self-influence) (``normalize``);
+* ``dot_relative``: the plain dot product divided by the plain self-influence's root;
 * ``tfidf``: cosine of TF-IDF vectors of the text (word overlap only, no model).
 
 Chance is 1/8 = 0.125.
@@ -30,7 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradindex import CompressionConfig, InMemoryIndex, PreconditionerConfig  # noqa: E402
+from gradindex import (  # noqa: E402
+    CompressionConfig,
+    Featurizer,
+    InMemoryIndex,
+    PreconditionerConfig,
+)
 from gradindex.indexer.precondition import FisherAccumulator  # noqa: E402
 from gradindex.indexer.tasks import CausalLMTask  # noqa: E402
 from gradindex.indexer.text_demo import (  # noqa: E402
@@ -74,6 +81,23 @@ def answer_loss(task: CausalLMTask, payloads: list[dict[str, Any]]) -> float:
     return float(torch.cat(losses).mean())
 
 
+def fit_index(task: CausalLMTask, compressor: str, pairs: list[tuple[str, dict[str, Any]]],
+              args: argparse.Namespace) -> InMemoryIndex:
+    """Vectors of every training example; a block Fisher from sampled targets fitted on the
+    first ``--fisher-subset`` examples (a bounded subset, as the build's default does)."""
+    feat = Featurizer(task, CompressionConfig(compressor=compressor, dim=args.dim, masks=2,
+                                              batch_size=32), device="cpu")
+    payloads = [p for _, p in pairs]
+    raw = torch.cat([feat.raw(payloads[i:i + 32]) for i in range(0, len(payloads), 32)])
+    acc = FisherAccumulator(feat.blocks, "block")
+    subset = payloads[: args.fisher_subset]
+    for i in range(0, len(subset), 32):
+        part = subset[i:i + 32]
+        acc.update(feat.fisher(part, "sampled", args.samples), len(part))
+    pcfg = PreconditionerConfig(fisher="sampled", samples=args.samples)
+    return InMemoryIndex(feat, acc.finalize(pcfg.damping), raw, [i for i, _ in pairs], pcfg)
+
+
 def evaluate(folder: Path, train: list[dict[str, Any]], queries: list[dict[str, Any]],
              args: argparse.Namespace) -> dict[str, Any]:
     task = CausalLMTask(str(folder))
@@ -83,12 +107,9 @@ def evaluate(folder: Path, train: list[dict[str, Any]], queries: list[dict[str, 
     train_t, query_t = [p["template"] for p in train], [p["template"] for p in queries]
     row: dict[str, Any] = {"answer_loss_train": answer_loss(task, [p for _, p in pairs][:400]),
                            "answer_loss_heldout": answer_loss(task, qp)}
-    fisher = PreconditionerConfig(fisher="sampled", samples=args.samples)
     for name, comp in (("default", "factorized-dropout"), ("dropout-sjlt", "dropout-sjlt")):
         start = time.perf_counter()
-        idx = InMemoryIndex.fit(task, CompressionConfig(compressor=comp, dim=args.dim, masks=2,
-                                                        batch_size=32),
-                                fisher, examples=pairs, device="cpu")
+        idx = fit_index(task, comp, pairs, args)
         scores = idx.scores(qp)
         row[name] = same_template_rate(scores, train_t, query_t)
         row[name + "_top1pct_share"] = concentration(scores, len(train))
@@ -102,6 +123,8 @@ def evaluate(folder: Path, train: list[dict[str, Any]], queries: list[dict[str, 
             dscores = dot.scores(qp)
             row["dot"] = same_template_rate(dscores, train_t, query_t)
             row["dot_top1pct_share"] = concentration(dscores, len(train))
+            dot_rel = dscores / dot.self_influence.clamp(min=1e-12).sqrt()[None, :]
+            row["dot_relative"] = same_template_rate(dot_rel, train_t, query_t)
         row[name + "_seconds"] = round(time.perf_counter() - start, 1)
         print(f"  {name}: {row[name]:.3f} ({row[name + '_seconds']}s)", flush=True)
     row["tfidf"] = same_template_rate(tfidf_scores(train, queries), train_t, query_t)
@@ -113,10 +136,12 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--queries", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--overtrain-epochs", type=int, default=24,
+    parser.add_argument("--overtrain-epochs", type=int, default=12,
                         help="further epochs of the over-trained copy")
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--fisher-subset", type=int, default=800,
+                        help="examples the Fisher is fitted on")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/out/text_demo"))
     args = parser.parse_args()
@@ -141,7 +166,7 @@ def main() -> None:
         print(label, flush=True)
         results[label] = evaluate(folder, train, queries, args)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    cols = ["default", "dropout-sjlt", "dot", "relative", "tfidf"]
+    cols = ["default", "dropout-sjlt", "dot", "relative", "dot_relative", "tfidf"]
     print(f"\nsame-template rate in the top {TOP} proponents, {args.queries} held-out problems, "
           f"{args.train} training problems, 8 templates (chance 0.125)")
     print("| model | answer loss train / held-out | " + " | ".join(cols) + " |")
