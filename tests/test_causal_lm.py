@@ -232,3 +232,20 @@ def test_bad_text_payload_gets_422_over_http(checkpoints, tmp_path: Path) -> Non
         assert len(hits) == 3 and hits[0]["payload"]["completion"]
     finally:
         server.stop()
+
+
+def test_text_demo_trains_saves_and_indexes_its_corpus(tmp_path: Path) -> None:
+    from gradindex.indexer.admin import list_indexes
+    from gradindex.indexer.text_demo import TEMPLATES, prepare_text_demo
+
+    settings = Settings(data_dir=tmp_path / "data")
+    assert prepare_text_demo(settings, train_size=48, heldout=8, epochs=1)
+    rows = {row["name"]: row for row in list_indexes(settings)}
+    assert rows["arithmetic"]["count"] == 48
+    folder = settings.data_dir / "text-demo"
+    task = CausalLMTask(str(folder / "model"), str(folder / "train.jsonl"),
+                        queries=str(folder / "heldout.jsonl"))
+    templates = [p["template"] for _, p in task.examples()]
+    assert sorted(set(templates)) == sorted(t.name for t in TEMPLATES)
+    assert len(task.queries()) == 8
+    assert not prepare_text_demo(settings, train_size=48, heldout=8, epochs=1)  # reused
