@@ -14,10 +14,11 @@ $(BIN)/python:
 # torch first and pinned: the project's own `torch>=` range then installs nothing more.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,hf]'
 	touch $(STAMP)
 
-# A .venv with CPU torch, gradindex in editable mode and the test and bench tools.
+# A .venv with CPU torch, gradindex in editable mode, the test and bench tools and the
+# Hugging Face extra (language models).
 install: $(STAMP)
 
 # Train the digits classifier, index it and serve it (reuses what is built): on 127.0.0.1:8000,

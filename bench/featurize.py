@@ -4,9 +4,11 @@ Measured in one run, on the same model and the same batch: examples per second o
 forward+backward training step (weight gradients computed), and of `factorized-dropout`,
 `dropout`, `dropout-sjlt` and `gaussian` at k = 4096 and k = 16384, each as a ratio to the
 training step. Two models: an MLP of 1.3M parameters over vectors, and a transformer block over
-token sequences ``[B, T, D]``.
+token sequences ``[B, T, D]``. Then a language-model row: tokens per second of the build's
+featurize (``CausalLMTask``, factorized-dropout, default k) beside a plain training step on the
+same batches of a tiny GPT-2 (random init; ``--lm-size small``: GPT-2-small's shape).
 
-    python bench/featurize.py [--device cuda] [--quick] [--out bench/out]
+    python bench/featurize.py [--device cuda] [--quick] [--lm-only] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -133,6 +135,59 @@ def measure(
     return rows
 
 
+def measure_lm(device: torch.device, repeats: int, size: str, batch: int,
+                seq_len: int) -> list[dict[str, Any]]:
+    """Tokens/s of featurize against a training step (forward, backward with weight gradients,
+    collate included in both) on the same batches of a GPT-2 built from its config."""
+    import tempfile
+
+    from gradindex.indexer.tasks import CausalLMTask
+    from gradindex.indexer.text_demo import make_gpt2, make_problems, train_tokenizer
+
+    problems = make_problems(2000, seed=0)
+    texts = [p["prompt"] + p["completion"] for p in problems]
+    shape = {"tiny": dict(layers=2, width=128, heads=4),
+             "small": dict(layers=12, width=768, heads=12)}[size]
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(texts, Path(tmp), vocab_size=1000 if size == "tiny" else 8000)
+        model = make_gpt2(len(tok), context=max(128, seq_len), seed=0, **shape)
+        model.save_pretrained(tmp)
+        task = CausalLMTask(tmp)
+        task.model()
+    net = task.model().to(device)
+    # each payload: problems joined up to about seq_len tokens of text
+    per = max(1, seq_len // 40)
+    payloads = [{"text": " ".join(texts[i * per:(i + 1) * per])} for i in range(batch)]
+    tokens = int(task.collate(payloads)["attention_mask"].sum())
+    params = sum(p.numel() for p in net.parameters())
+
+    def train_step() -> None:
+        net.zero_grad(set_to_none=True)
+        batch_ = {k: v.to(device) for k, v in task.collate(payloads).items()}
+        task.loss(net, batch_).mean().backward()
+
+    feat = Featurizer(task, CompressionConfig(batch_size=batch), device=device)
+    methods = [("training step", "-", train_step),
+               ("factorized-dropout", feat.dim, lambda: feat.raw(payloads))]
+    for _, _, fn in methods:
+        fn()
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for i, (_, _, fn) in enumerate(methods):
+            times[i].append(_once(fn, device))
+    net.zero_grad(set_to_none=True)
+    seconds = [statistics.median(t) for t in times]
+    name = f"GPT-2 {size} ({shape['layers']}×{shape['width']}), {batch}×{tokens // batch} tok"
+    rows = []
+    for (method, k, _), sec in zip(methods, seconds, strict=True):
+        rows.append({"model": name, "params": params, "method": method, "k": k,
+                     "examples_per_s": batch / sec, "tokens_per_s": tokens / sec,
+                     "ratio": seconds[0] / sec})
+        print(f"{name}: {method:18s} k={k!s:>6} {tokens / sec:12,.0f} tokens/s "
+              f"({seconds[0] / sec:.2f}× training step)", flush=True)
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]], device: str) -> str:
     threads = torch.get_num_threads()
     lines = [f"Device: {device}, torch {torch.__version__}, {threads} CPU "
@@ -191,6 +246,10 @@ def main() -> None:
              "small ops ~100×, a transformer step 347 ms against 2.5 ms on one)")
     parser.add_argument("--gaussian-max-k", type=int, default=None,
                         help="skip the (slow) gaussian baseline above this k")
+    parser.add_argument("--lm-only", action="store_true", help="the language-model row only")
+    parser.add_argument("--lm-size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--lm-batch", type=int, default=16)
+    parser.add_argument("--lm-seq", type=int, default=128, help="about this many tokens each")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -209,10 +268,14 @@ def main() -> None:
          batch_seq),
     ]
     rows = []
-    for name, task, batch in tasks:
+    for name, task, batch in [] if args.lm_only else tasks:
         rows.extend(measure(name, task, batch, dims, device, args.repeats, args.gaussian_max_k))
+    lm = measure_lm(device, args.repeats, args.lm_size, args.lm_batch, args.lm_seq)
+    rows.extend(lm)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, str(device))
+    table += "".join(f"- {r['model']}: {r['method']} {r['tokens_per_s']:,.0f} tokens/s, "
+                     f"{r['ratio']:.2f}× the training step.\n" for r in lm)
     print("\n" + table)
     (args.out / f"featurize-{device.type}.md").write_text(table)
     (args.out / f"featurize-{device.type}.json").write_text(json.dumps(rows, indent=1))

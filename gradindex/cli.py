@@ -217,6 +217,14 @@ def build_cmd(
     shape: Annotated[Shape, typer.Option(help="Preconditioner shape.")] = _P.shape,
     damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = _P.damping,
     batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = _C.batch_size,
+    modules: Annotated[list[str] | None, typer.Option(
+        "--modules", metavar="PATTERN", show_default="the task's choice",
+        help="Attribute the modules whose names match this fnmatch pattern ('*' matches dots "
+             "too), e.g. 'transformer.h.*.mlp.*'; repeatable. Default: the task's choice; for "
+             "a language model every linear map of its blocks, without the embeddings (lookup "
+             "tables, not linear maps over tokens) or the LM head (vocabulary-sized gradients "
+             "that mostly say which tokens occur), and only lora_A/lora_B for a PEFT adapter."
+    )] = None,
     chunk_size: Annotated[int, typer.Option(
         help="Examples per staging chunk.")] = DEFAULT_CHUNK_SIZE,
     window: Annotated[int, typer.Option(help="Examples per finalize step.")] = DEFAULT_WINDOW,
@@ -239,7 +247,8 @@ def build_cmd(
     config = BuildConfig(
         name=name, task=task, task_args=parse_task_args(task_arg or []),
         compression=CompressionConfig(compressor=compressor, keep=keep, dim=dim,
-                                      masks=masks, seed=seed, batch_size=batch_size),
+                                      masks=masks, seed=seed, batch_size=batch_size,
+                                      modules=tuple(modules or ())),
         preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
                                             damping=damping),
         faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), shard=i, shards=n,
@@ -466,6 +475,10 @@ def demo_url(settings: ServerSettings) -> str:
 def demo_cmd(
     build_only: Annotated[bool, typer.Option(
         "--build-only", help="Train and index, then exit without serving.")] = False,
+    text: Annotated[bool, typer.Option(
+        "--text", help="Also the text demo: a tiny GPT-2 trained here on arithmetic word "
+                       "problems, indexed as 'arithmetic' (needs gradindex[hf]; minutes on a "
+                       "CPU).")] = False,
     host: HostOption = None,
     port: PortOption = None,
 ) -> None:
@@ -481,6 +494,13 @@ def demo_cmd(
         built = prepare_demo(settings, progress=update)
     err.print(f"index 'digits' {'built' if built else 'already built; reused'} in "
               f"{settings.data_dir}", highlight=False)
+    if text:
+        from .indexer.text_demo import prepare_text_demo
+
+        with _progress() as update:
+            built = prepare_text_demo(settings, progress=update)
+        err.print(f"index 'arithmetic' {'built' if built else 'already built; reused'} in "
+                  f"{settings.data_dir}", highlight=False)
     if server is not None:
         _serve(server, _demo_banner)
 

@@ -220,7 +220,7 @@ def _options(help_text: str) -> dict[str, str]:
 
 CHOICES = {"--compressor": tuple(COMPRESSORS), "--shape": tuple(SHAPES),
            "--fisher": FISHER_KINDS, "--faiss": FAISS_KINDS}
-FLAGS = {"--verbose", "--help", "--build-only", "--all"}
+FLAGS = {"--verbose", "--help", "--build-only", "--all", "--text"}
 """The options that are plain on/off switches (no value, no default to show)."""
 
 

@@ -10,12 +10,16 @@ of its settings. Two families:
 
 A layer's full gradient is laid out as a ``[rows, cols]`` matrix flattened row-major: for a
 linear layer ``rows = d_out`` and ``cols = d_in (+1 for the bias, as a last column)``; any other
-module is one row of its trainable parameters concatenated.
+module is one row of its trainable parameters concatenated. A linear layer is an ``nn.Linear``
+or a ``transformers`` ``Conv1D`` (GPT-2's, weight stored transposed as ``[d_in, d_out]``): both
+map each token's ``x`` to ``W x + b``, so both share this layout and the factorized path.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -37,7 +41,10 @@ __all__ = [
     "Layer",
     "SjltCompressor",
     "describe_layers",
+    "is_conv1d",
+    "is_linear",
     "register_compressor",
+    "select_modules",
 ]
 
 Captures = Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]
@@ -53,6 +60,8 @@ class Layer:
     cols: int
     linear: bool
     bias: bool
+    transposed: bool = False
+    """The weight is stored ``[d_in, d_out]`` (a ``transformers`` ``Conv1D``)."""
 
     @property
     def numel(self) -> int:
@@ -63,15 +72,59 @@ class Layer:
         return self.cols - int(self.bias)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``Conv1D`` (checked without importing
+    transformers: when it is not loaded, no module can be one)."""
+    hf = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(hf, "Conv1D", None)
+    return cls is not None and isinstance(module, cls)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a ``transformers`` ``Conv1D``: what the factorized path handles."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def select_modules(model: nn.Module, patterns: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules of ``model`` whose names match any of ``patterns`` (``fnmatch``: ``*``
+    matches dots too) and that hold a trainable parameter of their own.
+
+    Raises:
+        ConfigError: no module matches.
+    """
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        and any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+    if not found:
+        names = [n for n, m in model.named_modules()
+                 if n and any(p.requires_grad for p in m.parameters(recurse=False))]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ConfigError(
+            f"`modules` patterns {list(patterns)} match no module with a trainable parameter; "
+            f"the model's are named like: {shown or 'none'}"
+        )
+    return found
+
+
 def describe_layers(modules: Mapping[str, nn.Module]) -> list[Layer]:
     """The gradient shape of each attributed module, in order."""
     layers = []
     for name, module in modules.items():
-        if isinstance(module, nn.Linear):
-            if not module.weight.requires_grad:
+        if is_linear(module):
+            weight = module.weight
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise TaskError(f"linear layer {name!r} has no 2-d weight")
+            if not weight.requires_grad:
                 raise TaskError(f"linear layer {name!r} has a frozen weight; do not attribute it")
-            bias = module.bias is not None and module.bias.requires_grad
-            layers.append(Layer(name, module.out_features, module.in_features + bias, True, bias))
+            bias_p = module.bias
+            bias = isinstance(bias_p, torch.Tensor) and bias_p.requires_grad
+            transposed = not isinstance(module, nn.Linear)
+            d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+            layers.append(Layer(name, int(d_out), int(d_in) + bias, True, bias, transposed))
         else:
             numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
             layers.append(Layer(name, 1, numel, False, False))
@@ -139,8 +192,9 @@ def _require_linear(layers: Sequence[Layer], compressor: str) -> None:
     for layer in layers:
         if not layer.linear:
             raise ConfigError(
-                f"compressor {compressor!r} handles nn.Linear layers only, and {layer.name!r} "
-                "is not one; use `dropout` (any parameter) or attribute linear layers only"
+                f"compressor {compressor!r} handles linear layers only (nn.Linear, transformers' "
+                f"Conv1D), and {layer.name!r} is not one; use `dropout` (any parameter) or "
+                "attribute linear layers only"
             )
 
 

@@ -50,6 +50,11 @@ class CompressionConfig:
     batch_size: int = 32
     """Examples per forward/backward pass."""
 
+    modules: tuple[str, ...] = ()
+    """Name patterns (``fnmatch``; ``*`` matches dots too) of the modules to attribute, e.g.
+    ``transformer.h.*.mlp.*``; empty: the task's own choice (``task.modules``, else every
+    linear layer)."""
+
     def __post_init__(self) -> None:
         if self.keep is not None:
             object.__setattr__(self, "dim", None)
@@ -76,6 +81,14 @@ class CompressionConfig:
             f"`batch_size` must be a positive integer, got {self.batch_size!r}",
         )
         check_choice(self.compressor, COMPRESSORS, "compressor")
+        mods = self.modules
+        if isinstance(mods, str):
+            mods = (mods,)
+        _check(
+            isinstance(mods, list | tuple) and all(isinstance(m, str) and m for m in mods),
+            f"`modules` must be a list of non-empty name patterns, got {self.modules!r}",
+        )
+        object.__setattr__(self, "modules", tuple(mods))
 
     def resolve_keep(self, total_params: int) -> float:
         """The keep fraction for a model with ``total_params`` attributed coordinates."""

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from .compress import COMPRESSORS, Compressor, Layer, describe_layers
+from .compress import COMPRESSORS, Compressor, Layer, describe_layers, is_linear, select_modules
 from .config import CompressionConfig
 from .errors import NonFiniteLoss, TaskError
 from .hooks import LayerCapture
@@ -124,7 +124,8 @@ class Featurizer:
                 # a copy: the task may cache its model, and other users expect it where it was
                 model = copy.deepcopy(model).to(self.device)
             self.models.append(model)
-            self.modules.append(self.task.modules(model))
+            self.modules.append(select_modules(model, self.config.modules) if self.config.modules
+                                else self.task.modules(model))
         self.layers: list[Layer] = describe_layers(self.modules[0])
         for modules in self.modules[1:]:
             if describe_layers(modules) != self.layers:
@@ -346,7 +347,7 @@ class Featurizer:
             if id(module) not in where:
                 raise TaskError(f"attributed module {name!r} is not a submodule of the model")
             prefix = where[id(module)] + "." if where[id(module)] else ""
-            if isinstance(module, nn.Linear):
+            if is_linear(module):
                 own = ["weight"] + (["bias"] if module.bias is not None and
                                     module.bias.requires_grad else [])
             else:
@@ -412,7 +413,8 @@ class Featurizer:
             parts = [per[n] for n in names]
             b = parts[0].shape[0]
             if layer.linear:
-                w = parts[0].reshape(b, layer.rows, -1)
+                w = (parts[0].reshape(b, layer.d_in, layer.rows).transpose(1, 2)
+                     if layer.transposed else parts[0].reshape(b, layer.rows, -1))
                 if layer.bias:
                     w = torch.cat([w, parts[1].reshape(b, layer.rows, 1)], dim=2)
                 grads[layer.name] = w.reshape(b, -1)
