@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 
@@ -111,6 +112,46 @@ def test_search_matches_in_memory(
     np.testing.assert_allclose([h.score for h in top], expected_si, rtol=RTOL)
     assert index.example("train-5").payload == featurizer.task.task.payload(5)
     assert index.example("train-5").meta == {"label": int(featurizer.task.task.y[5])}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=False)
+def test_vectors_are_stored_once_and_the_old_layout_still_serves(
+    settings: Settings, featurizer: Featurizer, reference: InMemoryIndex, queries: torch.Tensor
+) -> None:
+    import faiss
+
+    build(make_config(), settings, featurizer=featurizer)
+    index = open_index("digits", settings)
+    folder = index.folder
+    assert not list(folder.glob("*.faiss"))  # an exact index is vectors.npy alone
+    n, dim = index.count, index.dim
+    per_example = sum(f.stat().st_size for f in folder.iterdir()
+                      if f.name in ("vectors.npy", "ids.npy", "self_influence.npy")) / n
+    assert per_example <= 1.1 * dim * 4 + 16  # the float32 vector, its id and self-influence
+    index.delete("train-3")
+    new = [[h.external_id for h in hits] for hits in index.search(queries, K)]
+    rel = [[h.external_id for h in hits] for hits in index.search(queries, K, normalize=True)]
+    assert "train-3" not in {i for hits in new for i in hits}
+
+    # the layout written before: flat FAISS copies of the vectors
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry, name, scale in (("faiss", "index.faiss", None),
+                               ("relative", "relative.faiss", manifest["relative"]["eps"])):
+        vectors = np.load(folder / "vectors.npy")
+        if scale is not None:
+            si = np.load(folder / "self_influence.npy")
+            vectors = vectors / np.sqrt(np.maximum(si, scale))[:, None].astype(np.float32)
+        flat = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.load(folder / "ids.npy"))
+        faiss.write_index(flat, str(folder / name))
+        manifest[entry]["file"] = name  # as written then (the FAISS entry had no file key)
+    manifest["faiss"].pop("file")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    old = open_index("digits", settings)
+    assert old.files.faiss is not None and old.has_relative_index
+    assert [[h.external_id for h in hits] for hits in old.search(queries, K)] == new
+    assert [[h.external_id for h in hits]
+            for hits in old.search(queries, K, normalize=True)] == rel
 
 
 def test_filter_delete_and_refinalize(

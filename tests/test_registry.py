@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from gradindex import BuildConfig, CompressionConfig, Featurizer, Settings, build, open_index
+from gradindex import (
+    BuildConfig,
+    CompressionConfig,
+    FaissConfig,
+    Featurizer,
+    Settings,
+    build,
+    open_index,
+)
 from gradindex.indexer.admin import delete_index
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.store.db import dispose_engines
@@ -63,8 +71,10 @@ class Template:
         self.data = root / "data"
 
     def broken_config(self, **args: Any) -> BuildConfig:
+        # float16 codes: an exact index keeps no FAISS file, this one does, to be damaged
         return BuildConfig(name=BROKEN, task=f"{self.task_file}:FlakyTask",
-                           task_args={"fail_if": str(self.marker), **STORE_TASK_ARGS, **args})
+                           task_args={"fail_if": str(self.marker), **STORE_TASK_ARGS, **args},
+                           faiss=FaissConfig(fp16=True))
 
     def copy(self, to: Path) -> Settings:
         """A fresh copy of the data directory (the database is SQLite inside it)."""

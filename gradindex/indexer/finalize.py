@@ -246,27 +246,38 @@ class Finalizer:
         """The FAISS index over the vectors, and a second one over ``v_i / sqrt(self-influence_i)``
         for relative influence (§1), so its top-k is as exact as the first one's.
 
+        An exact (float32 flat) index is not written at all: it would be a second copy of
+        ``vectors.npy``, which searches scan directly (BLAS, in blocks), so the vectors are
+        stored once. Approximate indexes hold codes and ids, and re-rank from the vectors.
+
         Returns:
-            The manifest's ``faiss`` and ``relative`` entries (with measured recall).
+            The manifest's ``faiss`` and ``relative`` entries (with measured recall); their
+            ``file`` is ``None`` when searches scan ``vectors.npy``.
         """
         fcfg = self.faiss
         self._report("faiss", 0)
+        scale, eps = relative_scale(influence)
+        if fcfg.exact:
+            self._report("faiss", self.total)
+            self.hooks.in_finalize("faiss")
+            return {
+                "faiss": {**fcfg.to_json(), "factory": None, "file": None, **EXACT_RECALL},
+                "relative": {"file": None, "eps": eps, **EXACT_RECALL},
+            }
         stored = np.load(self.tmp / "vectors.npy", mmap_mode="r")
         index = build_faiss(fcfg, stored, ids, seed=self.seed)
         write_faiss(index, self.tmp / "index.faiss")
-        recall = EXACT_RECALL if fcfg.exact else measure_recall(index, fcfg, stored, ids, k=10)
+        recall = measure_recall(index, fcfg, stored, ids, k=10)
         del index
-        scale, eps = relative_scale(influence)
         scaled = ScaledRows(stored, scale)
         relative = build_faiss(fcfg, scaled, ids, seed=self.seed)
         write_faiss(relative, self.tmp / "relative.faiss")
-        relative_recall = (
-            EXACT_RECALL if fcfg.exact else measure_recall(relative, fcfg, scaled, ids, k=10)
-        )
+        relative_recall = measure_recall(relative, fcfg, scaled, ids, k=10)
         self._report("faiss", self.total)
         self.hooks.in_finalize("faiss")
         return {
-            "faiss": {**fcfg.to_json(), "factory": fcfg.factory(self.total), **recall},
+            "faiss": {**fcfg.to_json(), "factory": fcfg.factory(self.total),
+                      "file": "index.faiss", **recall},
             "relative": {"file": "relative.faiss", "eps": eps, **relative_recall},
         }
 

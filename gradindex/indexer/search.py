@@ -176,9 +176,8 @@ class Searcher:
         check_search(k, direction)
         sign = 1.0 if direction == "proponents" else -1.0
         signed = sign * np.asarray(queries, dtype=np.float32)
-        if self.index is None and include is None:  # no FAISS index: scan the allowed rows
-            include = np.setdiff1d(self.rows.ids, exclude if exclude is not None else [])
-            exclude = None
+        if self.index is None and include is None:  # no FAISS index: scan every row
+            return self._scan(signed, k, sign, exclude)
         if include is not None and (len(include) <= self.scan_limit or self.index is None):
             s, rows = exact_topk(self.vectors, self.rows.rows(np.sort(include)), signed, k)
             ids = np.where(rows >= 0, self.rows.ids[np.maximum(rows, 0)], -1)
@@ -191,6 +190,22 @@ class Searcher:
                                          include=include, exclude=exclude)
             s, ids = self.rerank(signed, candidates, k)
         return sign * s, ids
+
+    def _scan(self, signed: np.ndarray, k: int, sign: float, exclude: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` over all rows, read in file order (contiguous blocks of the
+        memmap), then without the ``exclude`` ids: it asks for ``k + len(exclude)`` so that
+        ``k`` remain."""
+        drop = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
+        s, rows = exact_topk(self.vectors, None, signed, min(self.count, k + len(drop)))
+        ids = np.where(rows >= 0, self.rows.ids[np.maximum(rows, 0)], -1)
+        out_s = np.full((len(signed), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(signed), k), -1, dtype=np.int64)
+        for q in range(len(signed)):
+            keep = (ids[q] >= 0) & ~np.isin(ids[q], drop)
+            got_s, got_i = s[q][keep][:k], ids[q][keep][:k]
+            out_s[q, : len(got_s)], out_i[q, : len(got_i)] = got_s, got_i
+        return sign * out_s, out_i
 
     def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,8 @@ class VersionFiles:
     """``[N]`` example row ids (the FAISS ids), in vector order."""
     self_influence: np.ndarray | None
     """``[N]`` by position, memory-mapped; None for versions written before the file existed."""
-    faiss: Any
+    faiss: Any | None
+    """None when searches scan the vectors (exact, stored once)."""
     relative_faiss: Any | None
     """The FAISS index of relative influence; None for versions written before it existed."""
 
@@ -101,7 +102,9 @@ class VersionFiles:
         if (files.folder / "self_influence.npy").exists():
             files.self_influence = files._read("self_influence.npy",
                                                lambda p: np.load(p, mmap_mode="r"))
-        files.faiss = files._read("index.faiss", read_faiss)
+        # versions written before vectors were stored once name no file: index.faiss
+        faiss_file = files.manifest["faiss"].get("file", "index.faiss")
+        files.faiss = None if faiss_file is None else files._read(str(faiss_file), read_faiss)
         relative = files.manifest.get("relative") or {}
         files.relative_faiss = None
         if relative.get("file"):
@@ -203,11 +206,11 @@ class VersionFiles:
             StorageError: they do not; the index must be rebuilt (``gradindex refinalize``).
         """
         problem = None
-        in_faiss = faiss_ids(self.faiss)
-        if int(self.faiss.ntotal) != self.count or len(self.ids) != self.count:
-            problem = (f"FAISS holds {self.faiss.ntotal} vectors, vectors.npy {self.count}, "
-                       f"ids.npy {len(self.ids)}")
-        elif not np.array_equal(in_faiss, self.ids):
+        if len(self.ids) != self.count:
+            problem = f"vectors.npy holds {self.count} vectors, ids.npy {len(self.ids)} ids"
+        elif self.faiss is not None and int(self.faiss.ntotal) != self.count:
+            problem = f"FAISS holds {self.faiss.ntotal} vectors, vectors.npy {self.count}"
+        elif self.faiss is not None and not np.array_equal(faiss_ids(self.faiss), self.ids):
             problem = "FAISS ids differ from ids.npy"
         elif self.relative_faiss is not None and not (
             int(self.relative_faiss.ntotal) == self.count
