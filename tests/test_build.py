@@ -163,12 +163,15 @@ def test_filter_delete_and_refinalize(
     ref = (queries @ reference.vectors.T).numpy()
     labels = store_task.y
     for flt, allowed in (({"label": 3}, labels == 3), ({"label": [1, 2]}, np.isin(labels, [1, 2])),
-                         ({"label": 3, "missing": "x"}, np.zeros_like(labels, bool))):
+                         ({"label": 3, "$or": [{"label": 4}]}, np.zeros_like(labels, bool))):
         for q, hits in enumerate(index.search(queries, K, filter=flt)):
             assert all(h.meta["label"] in np.unique(labels[allowed]) for h in hits)
             assert_topk(hits, ref[q], reference.ids, K, allowed=allowed)
     with pytest.raises(ConfigError, match="filter"):
         index.search(queries, K, filter={"label": {"nested": 1}})
+    with pytest.raises(ConfigError, match=r"'missing' is not in this index's metadata; known "
+                                          r"keys: \['label'\]"):
+        index.search(queries, K, filter={"label": 3, "missing": "x"})
 
     top = index.search(queries[:1], 1)[0][0]
     index.delete(top.external_id)
