@@ -255,6 +255,9 @@ class _Drifted(BaseModel):
     self_influence: float
     render: dict[str, Any]  # required, but the server may leave it out
     rank: int  # the server has no such field
+    prediction: int | None = None
+    confidence: float | None = None
+    loss: float | None = None
 
 
 def test_the_check_names_the_model_and_each_field_a_client_model_got_wrong(

@@ -5,14 +5,18 @@ scope, and train-to-train from the async client."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from gradindex_client import AsyncClient, AuthenticationError, Client, InvalidRequest, NotFound
 
-from gradindex import Settings
+from gradindex import Settings, open_index
+from gradindex.indexer.query import featurizer_for
 
 from .conftest import SERVED_INDEX, LiveServer
 
@@ -110,14 +114,15 @@ def test_bad_filters_are_422_naming_the_key(api: Client) -> None:
 
 
 def test_whoami_tells_the_keys_scope(live_server: LiveServer, server_keys: dict[str, str],
-                                     server_settings: Settings, tmp_path: Path) -> None:
+                                     tmp_path: Path) -> None:
     for scope in ("read", "admin"):
         with Client(live_server.url, api_key=server_keys[scope], retries=0) as c:
             assert c.whoami().scope == scope and c.whoami().auth
     with Client(live_server.url, api_key="", retries=0) as c, \
             pytest.raises(AuthenticationError, match="needs an API key"):
         c.whoami()
-    keyless = LiveServer(server_settings, tmp_path / "keyless.log", auth="off").wait()
+    empty = Settings(data_dir=tmp_path / "empty")  # no index to load: starts fast
+    keyless = LiveServer(empty, tmp_path / "keyless.log", auth="off").wait()
     try:
         with Client(keyless.url, api_key="", retries=0) as c:
             me = c.whoami()
@@ -138,3 +143,58 @@ def test_the_async_client_queries_with_stored_examples(api: Client) -> None:
                 assert r.prediction is not None and r.loss is not None
 
     asyncio.run(run())
+
+
+def _predicted(server_settings: Settings, payloads: list[Any]) -> list[int]:
+    """The served model's classes of ``payloads``, computed in this process."""
+    index = open_index(SERVED_INDEX, server_settings)
+    feat = featurizer_for(index)
+    with torch.no_grad():
+        logits = feat.task.logits(feat.models[0], feat.collate(payloads))
+    return [int(c) for c in logits.argmax(dim=1)]
+
+
+def test_misclassified_training_examples_agree_with_the_model(
+        api: Client, server_settings: Settings) -> None:
+    """The served model fits its 300 training digits (none misclassified: the listing is empty,
+    as the model says); the gallery test below finds real misclassified examples."""
+    every = list(api.iter_examples(SERVED_INDEX, page_size=500))
+    classes = _predicted(server_settings, [e.payload for e in every])
+    wrong = [e.id for e, c in zip(every, classes, strict=True) if c != e.meta["label"]]
+    page = api.examples(SERVED_INDEX, limit=1000, misclassified=True)
+    assert page.total == len(wrong) and [e.id for e in page.results] == wrong
+    assert all(e.prediction != e.meta["label"] and e.loss is not None for e in page.results)
+    shown = api.examples(SERVED_INDEX, limit=5, predict=True).results
+    assert [e.prediction for e in shown] == classes[:5]
+    assert all(0 < (e.confidence or 0) <= 1 for e in shown)
+
+
+def test_the_gallery_filters_by_label_and_misclassified(api: Client,
+                                                        server_settings: Settings) -> None:
+    url = f"{api.base_url}/v1/indexes/{SERVED_INDEX}/gallery"
+
+    def get(**params: Any) -> dict[str, Any]:
+        answer = api._http.get(url, params=params, headers=api._headers())
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    everything: list[dict[str, Any]] = []
+    offset: int | None = 0
+    while offset is not None:
+        page = get(limit=500, offset=offset)
+        everything += page["results"]
+        offset = page["next_offset"]
+    assert len(everything) == page["total"]
+    threes = get(limit=500, filter=json.dumps({"label": 3}))
+    assert threes["total"] == sum(g["meta"]["label"] == 3 for g in everything) > 0
+    assert all(g["meta"]["label"] == 3 for g in threes["results"])
+    classes = _predicted(server_settings, [g["payload"] for g in everything])
+    wrong = [g["id"] for g, c in zip(everything, classes, strict=True)
+             if c != g["meta"]["label"]]
+    got = get(limit=500, misclassified="true")
+    assert got["total"] == len(wrong) > 0 and [g["id"] for g in got["results"]] == wrong[:500]
+    assert all(g["prediction"] != g["meta"]["label"] for g in got["results"])
+    bad = api._http.get(url, params={"filter": json.dumps({"label": "3"})},
+                        headers=api._headers())
+    assert bad.status_code == 422 and "'label' holds integer values" in bad.text

@@ -178,6 +178,9 @@ REFUSED: list[tuple[Any, str]] = [
     ({"label": 2**63}, "64-bit"),
     ('{"label": 1}', "must be an object"),
     ({'a"b': 1}, "not a valid metadata key"),
+    ({"la\ud800bel": 1}, "not a valid metadata key"),
+    ({"src": "wi\x00ki"}, "NUL characters or unpaired surrogates"),
+    ({"src": {"$in": ["\udfff"]}}, "NUL characters or unpaired surrogates"),
 ]
 
 

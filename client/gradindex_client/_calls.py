@@ -152,8 +152,13 @@ class Calls:
 
     @staticmethod
     def _examples_params(limit: int, offset: int, filter: dict[str, Any] | None,
-                         render: bool) -> dict[str, Any]:
+                         render: bool, misclassified: bool = False,
+                         predict: bool = False) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if misclassified:
+            params["misclassified"] = "true"
+        if predict:
+            params["predict"] = "true"
         if filter is not None:
             params["filter"] = json.dumps(filter)
         if render:

@@ -225,7 +225,8 @@ class Client(Calls):
             offset = page.next_offset
 
     def examples(self, name: str, limit: int = 100, offset: int = 0, *,
-                 filter: dict[str, Any] | None = None, render: bool = False) -> ExamplePage:
+                 filter: dict[str, Any] | None = None, render: bool = False,
+                 misclassified: bool = False, predict: bool = False) -> ExamplePage:
         """One page of the live training examples, in build order.
 
         Args:
@@ -234,18 +235,23 @@ class Client(Calls):
             offset: examples to skip.
             filter: only examples whose metadata match.
             render: add each example's ``render``.
+            misclassified: only examples whose predicted class differs from their ``label``
+                metadata (classifier tasks; the server predicts every match once).
+            predict: add each example's ``prediction``, ``confidence`` and ``loss``.
 
         Returns:
             The page; ``total`` counts every match, ``next_offset`` is None on the last page.
         """
-        params = self._examples_params(limit, offset, filter, render)
+        params = self._examples_params(limit, offset, filter, render, misclassified, predict)
         return self._get(ExamplePage, "GET", self._index(name, "examples"), params=params)
 
     def iter_examples(self, name: str, page_size: int = 500, *,
-                      filter: dict[str, Any] | None = None, render: bool = False
+                      filter: dict[str, Any] | None = None, render: bool = False,
+                      misclassified: bool = False, predict: bool = False
                       ) -> Iterator[TrainingExample]:
-        """Every live training example (that matches ``filter``), a page at a time, in build
-        order; e.g. ``pandas.DataFrame(e.model_dump() for e in c.iter_examples("x"))``.
+        """Every live training example (that matches), a page at a time, in build order;
+        e.g. ``pandas.DataFrame(e.model_dump() for e in c.iter_examples("x"))``. The
+        arguments are those of :meth:`examples`.
 
         Raises:
             ValueError: ``page_size`` is below 1.
@@ -253,7 +259,8 @@ class Client(Calls):
         self._check_page_size(page_size)
         offset: int | None = 0
         while offset is not None:
-            page = self.examples(name, page_size, offset, filter=filter, render=render)
+            page = self.examples(name, page_size, offset, filter=filter, render=render,
+                                 misclassified=misclassified, predict=predict)
             yield from page.results
             offset = page.next_offset
 
@@ -408,22 +415,24 @@ class AsyncClient(Calls):
             offset = page.next_offset
 
     async def examples(self, name: str, limit: int = 100, offset: int = 0, *,
-                       filter: dict[str, Any] | None = None, render: bool = False
-                       ) -> ExamplePage:
+                       filter: dict[str, Any] | None = None, render: bool = False,
+                       misclassified: bool = False, predict: bool = False) -> ExamplePage:
         """One page of the live training examples; see :meth:`Client.examples`."""
-        params = self._examples_params(limit, offset, filter, render)
+        params = self._examples_params(limit, offset, filter, render, misclassified, predict)
         return await self._get(ExamplePage, "GET", self._index(name, "examples"),
                                params=params)
 
     async def iter_examples(self, name: str, page_size: int = 500, *,
-                            filter: dict[str, Any] | None = None, render: bool = False
+                            filter: dict[str, Any] | None = None, render: bool = False,
+                            misclassified: bool = False, predict: bool = False
                             ) -> AsyncIterator[TrainingExample]:
         """Every live training example, a page at a time (``async for``); see
         :meth:`Client.iter_examples`."""
         self._check_page_size(page_size)
         offset: int | None = 0
         while offset is not None:
-            page = await self.examples(name, page_size, offset, filter=filter, render=render)
+            page = await self.examples(name, page_size, offset, filter=filter, render=render,
+                                       misclassified=misclassified, predict=predict)
             for example in page.results:
                 yield example
             offset = page.next_offset

@@ -47,6 +47,12 @@ class TrainingExample(_Model):
     self_influence: float
     render: dict[str, Any] | None = None
     """How the task shows the example, when the request asked for it."""
+    prediction: int | None = None
+    """The model's predicted class, when asked for (``predict``; tasks with ``logits``)."""
+    confidence: float | None = None
+    """Its probability, when asked for."""
+    loss: float | None = None
+    """The task's loss on the example, when asked for."""
 
 
 class Example(TrainingExample):

@@ -174,6 +174,18 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
+def _storable(text: str) -> bool:
+    """Whether a string survives both databases (PostgreSQL's jsonb refuses NUL; neither
+    takes an unpaired surrogate)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _describe(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -256,8 +268,8 @@ class _Parser:
         return Condition(key, op, (operand,))
 
     def check_key(self, key: str) -> None:
-        if not key or len(key) > MAX_KEY_LENGTH or any(c in key for c in '"\\') or any(
-                ord(c) < 32 for c in key):
+        if (not key or len(key) > MAX_KEY_LENGTH or any(c in key for c in '"\\')
+                or any(ord(c) < 32 for c in key) or not _storable(key)):
             raise ConfigError(f"`filter` key {_describe(key)} is not a valid metadata key "
                               f"(1-{MAX_KEY_LENGTH} characters, no quotes, backslashes or "
                               "control characters)")
@@ -274,6 +286,9 @@ class _Parser:
             raise ConfigError(f"`filter` key {key!r}: {op} needs a finite number, got {value}")
         if kind == "integer" and not -INT64 <= value < INT64:
             raise ConfigError(f"`filter` key {key!r}: {value} is out of the 64-bit integer range")
+        if kind == "string" and not _storable(value):
+            raise ConfigError(f"`filter` key {key!r}: strings cannot hold NUL characters or "
+                              f"unpaired surrogates, got {_describe(value)}")
         if op in RANGES and not _numeric(kind):
             raise ConfigError(f"`filter` key {key!r}: {op} compares numbers, got "
                               f"{_describe(value)}")

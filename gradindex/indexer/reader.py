@@ -196,8 +196,12 @@ class Index:
         filter: Filter | None = None,
         normalize: bool = False,
         skip: Sequence[int | None] | None = None,
+        signed: bool = True,
     ) -> list[Ranked]:
-        """:meth:`search`, with how many searched examples score above and below zero."""
+        """:meth:`search`, with how many searched examples score above and below zero.
+
+        ``signed=False`` keeps the top ``k`` whatever their sign (a data selection ranks by
+        mean influence and wants ``k`` examples)."""
         check_search(k, direction)
         q = self._queries(queries)
         skipped = np.full(len(q), -1, dtype=np.int64)
@@ -209,11 +213,13 @@ class Index:
         extra = int((skipped >= 0).any())
         scores, ids = searcher.top_k(q, k + extra, direction=direction, include=include,
                                      exclude=exclude)
-        counts = self._sign_counts(q, include, exclude, skipped)
+        counts = self._sign_counts(q, include, exclude, skipped) if signed else None
         sign = 1.0 if direction == "proponents" else -1.0
         out = []
         for i in range(len(q)):
-            keep = (ids[i] >= 0) & (ids[i] != skipped[i]) & (sign * scores[i] > 0)
+            keep = (ids[i] >= 0) & (ids[i] != skipped[i])
+            if signed:
+                keep &= sign * scores[i] > 0
             hits = self.examples.hits(ids[i][keep][:k], scores[i][keep][:k])
             if counts is not None:
                 pos, neg = int(counts[0][i]), int(counts[1][i])
@@ -278,8 +284,8 @@ class Index:
     ) -> list[Hit]:
         """Training examples ranked by mean influence over a set of queries (data selection)."""
         q = self._queries(queries)
-        return self.search(q.mean(axis=0, keepdims=True), k, filter=filter,
-                           normalize=normalize)[0]
+        return self.rank(q.mean(axis=0, keepdims=True), k, filter=filter,
+                         normalize=normalize, signed=False)[0].hits
 
     def scores(
         self, queries: torch.Tensor | np.ndarray, ids: Sequence[str] | None = None

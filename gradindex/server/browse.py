@@ -11,24 +11,35 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
+from gradindex.indexer.filters import matches, parse_filter
+
 from .auth import ReadKey
 from .indexes import Served
-from .routes import ERRORS, IndexDep, render_payload
+from .predicted import check_can_tell, gallery_cache, is_misclassified, predict_many
+from .routes import ERRORS, FilterParam, IndexDep, parse_filter_param, render_payload
 from .schemas import GalleryItem, GalleryPage, Histogram
 
 __all__ = ["browse_router"]
 
 browse_router = APIRouter(prefix="/v1/indexes", tags=["browse"], responses=ERRORS)
 
-_galleries: weakref.WeakKeyDictionary[Any, list[tuple[str, Any]]] = weakref.WeakKeyDictionary()
+Item = tuple[str, Any, dict[str, Any]]
+_galleries: weakref.WeakKeyDictionary[Any, list[Item]] = weakref.WeakKeyDictionary()
 
 
-def _gallery(served: Served) -> list[tuple[str, Any]]:
-    """``task.queries()`` as ``(id, payload)`` pairs, read once per task."""
+def _metadata(served: Served, payload: Any) -> dict[str, Any]:
+    try:
+        return served.task.metadata(payload)
+    except Exception:  # noqa: BLE001 - a gallery item the task cannot describe: no metadata
+        return {}
+
+
+def _gallery(served: Served) -> list[Item]:
+    """``task.queries()`` as ``(id, payload, metadata)``, read once per task."""
     task = served.task
     found = _galleries.get(task)
     if found is None:
-        found = _galleries[task] = task.queries()
+        found = _galleries[task] = [(i, p, _metadata(served, p)) for i, p in task.queries()]
     return found
 
 
@@ -37,13 +48,37 @@ async def gallery(
     _key: ReadKey, served: IndexDep,
     limit: Annotated[int, Query(ge=1, le=500, description="Examples per page.")] = 24,
     offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
+    filter: FilterParam = None,
+    misclassified: Annotated[bool, Query(
+        description="Only examples whose predicted class differs from their `label` "
+                    "metadata (tasks with `logits`; 422 otherwise).")] = False,
+    predict: Annotated[bool, Query(
+        description="Add each example's `prediction`, `confidence` and `loss`.")] = False,
 ) -> GalleryPage:
-    """Held-out examples the task offers to query with (``task.queries()``), rendered."""
+    """Held-out examples the task offers to query with (``task.queries()``), rendered, with
+    their metadata; filtered like the training examples, or to the misclassified ones."""
+    node = parse_filter(parse_filter_param(filter), served.index.metadata_schema)
+    if misclassified:
+        check_can_tell(served)
     items = await run_in_threadpool(_gallery, served)
-    page = items[offset : offset + limit]
-    results = [GalleryItem(id=i, payload=p, render=render_payload(served, p)) for i, p in page]
-    return GalleryPage(index=served.index.name, total=len(items), limit=limit, offset=offset,
-                       next_offset=offset + limit if offset + limit < len(items) else None,
+    chosen = [item for item in items if matches(node, item[2])]
+    cache = gallery_cache(served)
+    if misclassified:
+        found = await predict_many(served, [(i, p) for i, p, _ in chosen], cache)
+        chosen = [item for item in chosen if is_misclassified(item[2], found[item[0]])]
+    page = chosen[offset : offset + limit]
+    shown = {}
+    if predict or misclassified:
+        shown = await predict_many(served, [(i, p) for i, p, _ in page], cache)
+    results = []
+    for i, p, m in page:
+        view = shown.get(i)
+        results.append(GalleryItem(
+            id=i, payload=p, render=render_payload(served, p), meta=m,
+            prediction=view.prediction if view else None,
+            confidence=view.confidence if view else None, loss=view.loss if view else None))
+    return GalleryPage(index=served.index.name, total=len(chosen), limit=limit, offset=offset,
+                       next_offset=offset + limit if offset + limit < len(chosen) else None,
                        results=results)
 
 

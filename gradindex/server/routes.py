@@ -28,6 +28,13 @@ from gradindex.indexer.predict import NONE, Prediction
 from .auth import AdminKey, ReadKey
 from .errors import ClientGone, IndexUnavailable, LimitExceeded
 from .indexes import IndexRegistry, Served
+from .predicted import (
+    MAX_PREDICTED,
+    check_can_tell,
+    is_misclassified,
+    predict_many,
+    training_cache,
+)
 from .schemas import (
     CONTRACT_VERSION,
     DeleteResult,
@@ -51,7 +58,8 @@ from .schemas import (
 )
 from .settings import ServerSettings
 
-__all__ = ["IndexDep", "health_router", "parse_filter_param", "render_payload", "router"]
+__all__ = ["FilterParam", "IndexDep", "health_router", "parse_filter_param", "render_payload",
+           "router"]
 
 log = logging.getLogger(__name__)
 
@@ -399,21 +407,45 @@ async def list_examples(
     offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
     filter: FilterParam = None,
     render: Annotated[bool, Query(description="Add each example's `render`.")] = False,
+    misclassified: Annotated[bool, Query(
+        description="Only examples whose predicted class differs from their `label` metadata "
+                    "(tasks with `logits`; a model pass over every match, at most "
+                    f"{MAX_PREDICTED:,}).")] = False,
+    predict: Annotated[bool, Query(
+        description="Add each example's `prediction`, `confidence` and `loss`.")] = False,
 ) -> ExamplePage:
     """The live training examples in build order, a page at a time, optionally filtered on
-    their metadata; `total` says how many match."""
+    their metadata or to the misclassified ones; `total` says how many match."""
     flt = parse_filter_param(filter)
     index = served.index
+    cache = training_cache(served)
+    if misclassified:
+        check_can_tell(served)
+        total_live = await run_in_threadpool(index.examples.count, flt)
+        if total_live > MAX_PREDICTED:
+            raise ConfigError(f"`misclassified` needs the model's prediction of {total_live:,} "
+                              f"examples, more than {MAX_PREDICTED:,}; narrow it with a "
+                              "`filter`")
+        every = await run_in_threadpool(lambda: index.examples.page(
+            limit=max(total_live, 1), offset=0, filter=flt))
+        found = await predict_many(served, [(h.external_id, h.payload) for h in every], cache)
+        wrong = [h for h in every if is_misclassified(h.meta, found[h.external_id])]
+        hits, total = wrong[offset : offset + limit], len(wrong)
+    else:
+        def page() -> tuple[list[Hit], int]:
+            return (index.examples.page(limit=limit, offset=offset, filter=flt),
+                    index.examples.count(flt))
 
-    def page() -> tuple[list[Hit], int]:
-        return (index.examples.page(limit=limit, offset=offset, filter=flt),
-                index.examples.count(flt))
-
-    hits, total = await run_in_threadpool(page)
+        hits, total = await run_in_threadpool(page)
+    results = [_training(h, served if render else None) for h in hits]
+    if predict or misclassified:
+        found = await predict_many(served, [(h.external_id, h.payload) for h in hits], cache)
+        for r in results:
+            view = found[r.id]
+            r.prediction, r.confidence, r.loss = view.prediction, view.confidence, view.loss
     return ExamplePage(
         index=index.name, version=index.version, total=total, limit=limit, offset=offset,
-        next_offset=offset + limit if offset + len(hits) < total else None,
-        results=[_training(h, served if render else None) for h in hits])
+        next_offset=offset + limit if offset + len(hits) < total else None, results=results)
 
 
 ExampleId = Annotated[str, Path(description="The example's id.", max_length=512)]

@@ -71,6 +71,14 @@ class TrainingExample(BaseModel):
     self_influence: float = Field(description="g̃ᵀ(F̃+λI)⁻¹g̃: high for outliers and mislabels.")
     render: dict[str, Any] | None = Field(
         None, description="How the task shows the example (its `render`), when asked for.")
+    prediction: int | None = Field(
+        default=None,
+        description="The model's predicted class, when asked for (`predict`) and the "
+                    "task has `logits`.")
+    confidence: float | None = Field(
+        default=None, description="The predicted class's probability, when asked for.")
+    loss: float | None = Field(
+        default=None, description="The task's loss on the example, when asked for.")
 
 
 class Example(TrainingExample):
@@ -147,13 +155,16 @@ class InfluenceResult(BaseModel):
     negatives: int | None = Field(
         None, description="How many score < 0 (hurt the query); null when not counted.")
     prediction: int | None = Field(
-        None, description="The model's predicted class for the query (argmax of its logits); "
-                          "null when the task has no `logits`.")
+        default=None,
+        description="The model's predicted class for the query (argmax of its logits); "
+                    "null when the task has no `logits`.")
     confidence: float | None = Field(
-        None, description="The predicted class's softmax probability; null without `logits`.")
+        default=None,
+        description="The predicted class's softmax probability; null without `logits`.")
     loss: float | None = Field(
-        None, description="The task's loss on the query at its own target; null when the "
-                          "task cannot compute it.")
+        default=None,
+        description="The task's loss on the query at its own target; null when the "
+                    "task cannot compute it.")
 
 
 class InfluenceResponse(BaseModel):
@@ -286,13 +297,21 @@ class GalleryItem(BaseModel):
     id: str
     payload: Any
     render: dict[str, Any] | None = None
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="The task's metadata of the payload (its label...).")
+    prediction: int | None = Field(
+        default=None,
+        description="The model's predicted class (with `predict`, tasks with `logits`).")
+    confidence: float | None = Field(None, description="Its probability (with `predict`).")
+    loss: float | None = Field(None, description="The task's loss (with `predict`).")
 
 
 class GalleryPage(BaseModel):
     """One page of the task's query examples."""
 
     index: str
-    total: int = Field(description="Examples in the gallery (0 when the task offers none).")
+    total: int = Field(description="Examples in the gallery that match the filter (0 when the "
+                                   "task offers none).")
     limit: int
     offset: int
     next_offset: int | None
