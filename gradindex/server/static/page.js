@@ -350,10 +350,23 @@ function galleryItems() {
   return g.all.filter((item) => (g.label === "" || String(labelOf(item)) === g.label) &&
     (!g.misclassified || isMisclassified(item)));
 }
+async function schemaLabels() {
+  // the labels the index's metadata holds, where the server records them and filters the
+  // gallery itself: no need to fetch the whole gallery to fill the select
+  if (!state.galleryParams.has("filter")) return null;
+  try {
+    const schema = (await api(ixPath())).metadata_schema;
+    const label = schema && schema.keys && schema.keys.label;
+    return label && Array.isArray(label.values) ? label.values : null;
+  } catch (e) { return null; }
+}
 async function fillLabels() {
-  let all;
-  try { all = await loadFullGallery(); } catch (e) { return; }
-  state.labelValues = new Map(all.map(labelOf).filter((l) => l !== undefined)
+  let values = await schemaLabels(), all = null;
+  if (values === null) {
+    try { all = await loadFullGallery(); } catch (e) { return; }
+    values = all.map(labelOf);
+  }
+  state.labelValues = new Map(values.filter((l) => l !== undefined && l !== null)
     .map((l) => [String(l), l]));
   const labels = [...state.labelValues.keys()]
     .sort((a, b) => (Number(a) - Number(b)) || a.localeCompare(b));
@@ -363,7 +376,7 @@ async function fillLabels() {
   state.gallery.label = select.value;
   // "misclassified" only where the model's predictions came back
   $("misclassified-box").hidden = !state.sawPrediction;
-  $("gallery-note").textContent = state.gallery.total > all.length
+  $("gallery-note").textContent = all && state.gallery.total > all.length
     ? `filters cover the first ${all.length} of ${state.gallery.total}` : "";
   if (state.gallery.label !== "") loadGallery();
 }
@@ -441,7 +454,8 @@ $("gallery-page").addEventListener("change", (e) => {
 });
 $("gallery-label").addEventListener("change", async (e) => {
   state.gallery.label = e.target.value; state.gallery.offset = 0;
-  await loadFullGallery().catch(() => null); loadGallery();
+  if (serverFilters() === null) await loadFullGallery().catch(() => null);
+  loadGallery();
 });
 $("gallery-misclassified").addEventListener("change", async (e) => {
   state.gallery.misclassified = e.target.checked; state.gallery.offset = 0;
