@@ -159,7 +159,7 @@ def test_query_card_shows_prediction_confidence_and_loss(served: Served,
     item = served.gallery_item(2)
     pick_gallery(page, 2)
     expect(page.locator("#query-label")).to_have_text(str(item["payload"]["y"]))
-    result = served.influence(examples=[item["payload"]], k=1, direction="both")
+    result = served.influence(examples=[item["payload"]], k=12, direction="both")
     result = {**result.get("query", {}), **result}  # on the result, or under its `query`
     if "loss" in result:  # the server scores the query: the card must say so
         loss = float(page.locator("#query-loss").inner_text())
@@ -175,6 +175,13 @@ def test_query_card_shows_prediction_confidence_and_loss(served: Served,
             expect(prediction).to_contain_text("misclassified")
     else:
         expect(page.locator("#query-prediction")).to_have_count(0)
+    for side, count in (("pro", "positives"), ("opp", "negatives")):
+        if isinstance(result.get(count), int):  # how many examples help (hurt) at all
+            shown = min(12, result[count])
+            expect(page.locator(f"#{side}-count")).to_contain_text(
+                f"{shown} shown of {result[count]}")
+        else:
+            expect(page.locator(f"#{side}-count")).to_have_text("")
     page.screenshot(path=str(ARTIFACTS / "page-query-card.png"))
     page.context.close()
 

@@ -213,6 +213,7 @@ function writeUrl(push = false) {
   if ($("normalize").checked) p.set("relative", "1");
   if ($("filter").value.trim()) p.set("filter", $("filter").value.trim());
   if (state.gallery.label !== "") p.set("label", state.gallery.label);
+  if (state.gallery.misclassified) p.set("misclassified", "1");
   if (state.gallery.offset) p.set("gallery", String(state.gallery.offset));
   if (state.self.bin !== null) p.set("bin", String(state.self.bin));
   if (state.self.offset) p.set("self", String(state.self.offset));
@@ -227,6 +228,8 @@ function readUrl() {
   $("normalize").checked = p.get("relative") === "1";
   $("filter").value = p.get("filter") || "";
   state.gallery.label = p.get("label") || "";
+  state.gallery.misclassified = p.get("misclassified") === "1";
+  $("gallery-misclassified").checked = state.gallery.misclassified;
   state.gallery.offset = Math.max(0, Number(p.get("gallery")) || 0);
   state.self.bin = p.has("bin") ? Number(p.get("bin")) : null;
   state.self.offset = Math.max(0, Number(p.get("self")) || 0);
