@@ -147,7 +147,7 @@ def test_legend_explains_scores_labels_and_version(served: Served, browser: Any)
     assert "opponent" in str(opp.get_attribute("title"))
     expect(page.locator("#proponents .card").first).to_contain_text("label ")
     page.screenshot(path=str(ARTIFACTS / "page-legend.png"), full_page=True)
-    page.screenshot(path=str(ARTIFACTS / "web-influence.png"))  # the README's picture
+    page.screenshot(path=str(ARTIFACTS / "page-influence.png"))
     page.context.close()
 
 
@@ -159,7 +159,7 @@ def test_query_card_shows_prediction_confidence_and_loss(served: Served,
     item = served.gallery_item(2)
     pick_gallery(page, 2)
     expect(page.locator("#query-label")).to_have_text(str(item["payload"]["y"]))
-    result = served.influence(examples=[item["payload"]], k=1, direction="both")
+    result = served.influence(examples=[item["payload"]], k=12, direction="both")
     result = {**result.get("query", {}), **result}  # on the result, or under its `query`
     if "loss" in result:  # the server scores the query: the card must say so
         loss = float(page.locator("#query-loss").inner_text())
@@ -175,6 +175,13 @@ def test_query_card_shows_prediction_confidence_and_loss(served: Served,
             expect(prediction).to_contain_text("misclassified")
     else:
         expect(page.locator("#query-prediction")).to_have_count(0)
+    for side, count in (("pro", "positives"), ("opp", "negatives")):
+        if isinstance(result.get(count), int):  # how many examples help (hurt) at all
+            shown = min(12, result[count])
+            expect(page.locator(f"#{side}-count")).to_contain_text(
+                f"{shown} shown of {result[count]}")
+        else:
+            expect(page.locator(f"#{side}-count")).to_have_text("")
     page.screenshot(path=str(ARTIFACTS / "page-query-card.png"))
     page.context.close()
 
@@ -301,7 +308,9 @@ def test_histogram_bin_click_lists_that_bins_examples(served: Served, browser: A
     expect(rows).to_have_count(hist["counts"][i])
     expect(page.locator("#self-filter")).to_contain_text(f"{hist['counts'][i]} examples")
     ranked = served.get(f"/v1/indexes/{SERVED_INDEX}/self-influence?limit=1000")["results"]
-    in_bin = {r["id"] for r in ranked if lo <= r["self_influence"] < hi}
+    last = len(hist["counts"]) - 1  # the outer bins are open: they hold the min and the max
+    in_bin = {r["id"] for r in ranked
+              if (i == 0 or lo <= r["self_influence"]) and (i == last or r["self_influence"] < hi)}
     assert set(rows.evaluate_all("rs => rs.map(r => r.dataset.id)")) == in_bin
     assert "bin=" in page.url
     page.screenshot(path=str(ARTIFACTS / "page-histogram-bin.png"), full_page=True)
@@ -379,14 +388,16 @@ def test_gallery_filters_by_label_and_jumps_to_a_page(served: Served, browser: A
 
     schemas = served.get("/openapi.json")["components"]["schemas"]
     if "prediction" in schemas["InfluenceResult"]["properties"]:  # the model can tell
-        page.check("#gallery-misclassified")
-        expect(page.locator("#gallery-note")).to_have_text("")
-        cards = page.locator("#gallery .card")
-        expect(cards.locator(".predicted.wrong")).to_have_count(cards.count())
         results = served.post(f"/v1/indexes/{SERVED_INDEX}/influence",
                               {"examples": list(threes.values()), "k": 1})["results"]
         expected = [i for i, r in zip(threes, results, strict=True) if r["prediction"] != 3]
+        page.check("#gallery-misclassified")
+        shown = min(24, len(expected))
+        expect(page.locator("#gallery-pos")).to_have_text(
+            f"1–{shown} of {len(expected)}" if expected else "no example")
+        cards = page.locator("#gallery .card")
         assert cards.evaluate_all("cs => cs.map(c => c.dataset.id)") == expected[:24]
+        expect(cards.locator(".predicted.wrong")).to_have_count(shown)
     else:  # a server that does not say: no such filter offered
         expect(page.locator("#misclassified-box")).to_be_hidden()
     page.context.close()

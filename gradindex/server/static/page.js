@@ -10,7 +10,11 @@ const state = {
   canQueryIds: false,    // the influence endpoint takes {"ids": [...]} (train-to-train)
   canPredict: false,     // influence results carry the model's prediction for each query
   canRenderExample: false,  // GET .../examples/{id} takes ?render=true
+  galleryParams: new Set(),  // what GET .../gallery takes: filter, misclassified, predict
+  selfBounds: false,     // GET .../self-influence takes min_ and max_self_influence
+  sawPrediction: false,  // the model's predictions came back (not null): it can tell
   predictions: new Map(),  // gallery id -> prediction, asked for as pages are shown
+  labelValues: new Map(),  // a label as the select shows it -> its JSON value, for filters
   gallery: {offset: 0, all: null, total: 0, label: "", misclassified: false},
   query: null,           // {kind: "gallery" | "train" | "payload", id, payload, render, meta}
   shown: null,           // what the result panel shows: the export's content
@@ -52,8 +56,12 @@ async function loadCapabilities() {
     const request = schemas.InfluenceRequest || {};
     state.canQueryIds = "ids" in (request.properties || {});
     state.canPredict = "prediction" in ((schemas.InfluenceResult || {}).properties || {});
-    const example = (spec.paths || {})["/v1/indexes/{name}/examples/{example_id}"] || {};
-    state.canRenderExample = ((example.get || {}).parameters || []).some((p) => p.name === "render");
+    const params = (path) => new Set(
+      ((((spec.paths || {})[path] || {}).get || {}).parameters || []).map((p) => p.name));
+    state.canRenderExample = params("/v1/indexes/{name}/examples/{example_id}").has("render");
+    state.galleryParams = params("/v1/indexes/{name}/gallery");
+    const self = params("/v1/indexes/{name}/self-influence");
+    state.selfBounds = self.has("min_self_influence") && self.has("max_self_influence");
   } catch (e) { state.canQueryIds = false; state.canPredict = false; }
 }
 
@@ -205,6 +213,7 @@ function writeUrl(push = false) {
   if ($("normalize").checked) p.set("relative", "1");
   if ($("filter").value.trim()) p.set("filter", $("filter").value.trim());
   if (state.gallery.label !== "") p.set("label", state.gallery.label);
+  if (state.gallery.misclassified) p.set("misclassified", "1");
   if (state.gallery.offset) p.set("gallery", String(state.gallery.offset));
   if (state.self.bin !== null) p.set("bin", String(state.self.bin));
   if (state.self.offset) p.set("self", String(state.self.offset));
@@ -219,6 +228,8 @@ function readUrl() {
   $("normalize").checked = p.get("relative") === "1";
   $("filter").value = p.get("filter") || "";
   state.gallery.label = p.get("label") || "";
+  state.gallery.misclassified = p.get("misclassified") === "1";
+  $("gallery-misclassified").checked = state.gallery.misclassified;
   state.gallery.offset = Math.max(0, Number(p.get("gallery")) || 0);
   state.self.bin = p.has("bin") ? Number(p.get("bin")) : null;
   state.self.offset = Math.max(0, Number(p.get("self")) || 0);
@@ -317,7 +328,13 @@ async function predict(items, progress = false) {
     if (progress) $("gallery-note").textContent = `asking the model: ${at} of ${todo.length}…`;
     const data = await api(`/v1/indexes/${encodeURIComponent(index)}/influence`, {
       method: "POST", body: JSON.stringify({examples: batch.map((i) => i.payload), k: 1})});
-    data.results.forEach((r, i) => state.predictions.set(key(batch[i]), queryFacts(r).prediction));
+    data.results.forEach((r, i) => remember(batch[i], queryFacts(r).prediction, index));
+  }
+}
+function remember(item, prediction, index = state.index) {
+  state.predictions.set(`${index}\n${item.id}`, prediction);
+  if (prediction !== undefined && prediction !== null && !state.sawPrediction) {
+    state.sawPrediction = true; $("misclassified-box").hidden = false;
   }
 }
 function markPredictions(grid) {
@@ -336,39 +353,63 @@ function galleryItems() {
   return g.all.filter((item) => (g.label === "" || String(labelOf(item)) === g.label) &&
     (!g.misclassified || isMisclassified(item)));
 }
+async function schemaLabels() {
+  // the labels the index's metadata holds, where the server records them and filters the
+  // gallery itself: no need to fetch the whole gallery to fill the select
+  if (!state.galleryParams.has("filter")) return null;
+  try {
+    const schema = (await api(ixPath())).metadata_schema;
+    const label = schema && schema.keys && schema.keys.label;
+    return label && Array.isArray(label.values) ? label.values : null;
+  } catch (e) { return null; }
+}
 async function fillLabels() {
-  let all;
-  try { all = await loadFullGallery(); } catch (e) { return; }
-  const labels = [...new Set(all.map(labelOf).filter((l) => l !== undefined).map(String))]
+  let values = await schemaLabels(), all = null;
+  if (values === null) {
+    try { all = await loadFullGallery(); } catch (e) { return; }
+    values = all.map(labelOf);
+  }
+  state.labelValues = new Map(values.filter((l) => l !== undefined && l !== null)
+    .map((l) => [String(l), l]));
+  const labels = [...state.labelValues.keys()]
     .sort((a, b) => (Number(a) - Number(b)) || a.localeCompare(b));
   const select = $("gallery-label"); select.length = 1;
   for (const l of labels) select.add(new Option(`label ${l}`, l));
   select.value = labels.includes(state.gallery.label) ? state.gallery.label : "";
   state.gallery.label = select.value;
-  // "misclassified" only where the server tells the model's predictions
-  $("misclassified-box").hidden = !state.canPredict;
-  $("gallery-note").textContent = state.gallery.total > all.length
+  // "misclassified" only where the model's predictions came back
+  $("misclassified-box").hidden = !state.sawPrediction;
+  $("gallery-note").textContent = all && state.gallery.total > all.length
     ? `filters cover the first ${all.length} of ${state.gallery.total}` : "";
   if (state.gallery.label !== "") loadGallery();
 }
 async function loadGallery() {
   const seq = ++state.gallerySeq, g = state.gallery;
   let items, total, offset = g.offset;
+  const server = serverFilters();
   try {
-    if (g.all) {
+    if (server !== null) {  // the server filters and predicts: its pages, its total
+      const data = await api(ixPath(`/gallery?limit=${PAGE}&offset=${offset}${server}`));
+      if (seq !== state.gallerySeq) return;
+      items = data.results; total = data.total;
+      items.forEach((item) => { if ("prediction" in item) remember(item, item.prediction); });
+    } else if (g.all) {
       const filtered = galleryItems(); total = filtered.length;
       if (offset >= total) offset = Math.max(0, Math.floor((total - 1) / PAGE) * PAGE);
       items = filtered.slice(offset, offset + PAGE);
     } else {
       const data = await api(ixPath(`/gallery?limit=${PAGE}&offset=${offset}`));
       if (seq !== state.gallerySeq) return;
-      items = data.results; total = data.total; g.total = data.total;
+      items = data.results; total = data.total;
+      items.forEach((item) => { if ("prediction" in item) remember(item, item.prediction); });
     }
   } catch (e) { say(e.message, true); return; }
   g.offset = offset;
   const grid = $("gallery"); grid.innerHTML = "";
-  $("gallery-block").hidden = g.total === 0;
-  $("json-block").open = g.total === 0;
+  const empty = g.label === "" && !g.misclassified && total === 0;  // the task offers none
+  if (g.label === "" && !g.misclassified) g.total = total;
+  $("gallery-block").hidden = empty;
+  $("json-block").open = empty;
   for (const item of items) {
     const el = card(item, `${esc(item.id)}<br>${esc(labelText(item))}`);
     el.dataset.id = item.id; el._item = item;
@@ -388,10 +429,24 @@ async function loadGallery() {
   $("gallery-next").disabled = last >= total;
   writeUrl();
   markPredictions(grid);
-  if (state.canPredict) {
+  if (state.canPredict && !state.galleryParams.has("predict")) {
     predict(items).then(() => { if (seq === state.gallerySeq) markPredictions(grid); })
       .catch(() => null);  // a page without predictions is still a page
   }
+}
+function serverFilters() {
+  // query parameters when the server filters the gallery itself (null: filter here)
+  const g = state.gallery, has = (p) => state.galleryParams.has(p);
+  const predict = has("predict") && state.canPredict ? "&predict=true" : "";
+  if (g.label === "" && !g.misclassified) return predict;
+  if (!has("filter") || (g.misclassified && !has("misclassified"))) return null;
+  let params = predict;
+  if (g.label !== "") {
+    const value = state.labelValues.get(g.label);
+    params += "&filter=" + encodeURIComponent(JSON.stringify({label: value ?? g.label}));
+  }
+  if (g.misclassified) params += "&misclassified=true";
+  return params;
 }
 function galleryTo(offset) { state.gallery.offset = Math.max(0, offset); loadGallery(); }
 $("gallery-prev").onclick = () => galleryTo(state.gallery.offset - PAGE);
@@ -402,11 +457,12 @@ $("gallery-page").addEventListener("change", (e) => {
 });
 $("gallery-label").addEventListener("change", async (e) => {
   state.gallery.label = e.target.value; state.gallery.offset = 0;
-  await loadFullGallery().catch(() => null); loadGallery();
+  if (serverFilters() === null) await loadFullGallery().catch(() => null);
+  loadGallery();
 });
 $("gallery-misclassified").addEventListener("change", async (e) => {
   state.gallery.misclassified = e.target.checked; state.gallery.offset = 0;
-  if (e.target.checked) {
+  if (e.target.checked && !(state.galleryParams.has("misclassified") && state.galleryParams.has("filter"))) {
     try { await predict(await loadFullGallery(), true); }
     catch (err) { say(err.message, true); }
     $("gallery-note").textContent = "";
@@ -615,10 +671,16 @@ async function loadSelf() {
     }
     drawHistogram(state.self.hist);
     const bin = binRange();
-    let start = state.self.offset, limit = SELF_PAGE;
-    if (bin) { limit = Math.min(SELF_PAGE, bin.count - start); start += bin.start; }
+    let start = state.self.offset, limit = SELF_PAGE, bounds = "";
+    if (bin && state.selfBounds) {  // the server lists a bin by its edges
+      const last = bin.i === state.self.hist.counts.length - 1;
+      if (bin.i > 0) bounds += `&min_self_influence=${bin.lo}`;
+      if (!last) bounds += `&max_self_influence=${bin.hi}`;
+    } else if (bin) {  // a bin is a slice of the ranking: those above it come first
+      limit = Math.min(SELF_PAGE, bin.count - start); start += bin.start;
+    }
     const page = limit > 0
-      ? await api(ixPath(`/self-influence?limit=${limit}&offset=${start}&render=true`))
+      ? await api(ixPath(`/self-influence?limit=${limit}&offset=${start}&render=true${bounds}`))
       : {results: [], next_offset: null};
     if (seq !== state.selfSeq) return;
     showSelf(page, bin);
@@ -633,7 +695,8 @@ function binRange() {
 }
 function showSelf(page, bin) {
   const body = $("self-table").querySelector("tbody"); body.innerHTML = "";
-  const base = (bin ? bin.start : 0) + state.self.offset;
+  const byBounds = bin && state.selfBounds;
+  const base = (bin && !byBounds ? bin.start : 0) + state.self.offset;
   page.results.forEach((ex, i) => {
     const tr = document.createElement("tr"); tr.dataset.id = ex.id;
     tr.innerHTML = `<td>${base + i + 1}</td><td class="example"></td><td>${esc(ex.id)}</td>` +
@@ -651,13 +714,15 @@ function showSelf(page, bin) {
     body.appendChild(tr);
   });
   const shownEnd = state.self.offset + page.results.length;
-  const of = !bin && typeof page.total === "number" ? ` of ${page.total}` : "";
+  const of = typeof page.total === "number" ? ` of ${page.total}` : "";
   $("self-pos").textContent = page.results.length
     ? `${base + 1}–${base + page.results.length}${of}` : "no example";
   $("self-prev").disabled = state.self.offset === 0;
-  $("self-next").disabled = bin ? shownEnd >= bin.count : page.next_offset === null;
+  $("self-next").disabled = bin && !byBounds ? shownEnd >= bin.count
+    : page.next_offset === null || page.next_offset === undefined;
+  const inBin = byBounds && typeof page.total === "number" ? page.total : bin && bin.count;
   $("self-filter").textContent = bin
-    ? `Self-influence from ${fmt(bin.lo)} to ${fmt(bin.hi)}: ${bin.count} examples` : "";
+    ? `Self-influence from ${fmt(bin.lo)} to ${fmt(bin.hi)}: ${inBin} examples` : "";
   $("self-all").hidden = !bin;
   writeUrl();
 }
