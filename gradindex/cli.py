@@ -1,5 +1,5 @@
-"""The ``gradindex`` command line: build, finalize, list, info, refinalize, repair, delete, serve,
-demo, keys, db upgrade.
+"""The ``gradindex`` command line: build, finalize, list, info, verify, refinalize, repair,
+delete, serve, demo, keys, db upgrade.
 
 Start-up stays light: the module imports typer, rich, the settings and the strategy names
 (:mod:`.indexer.registry`) only. Torch, FAISS and the server are imported inside the commands
@@ -321,6 +321,38 @@ def info_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
 
     row = index_info(_settings(), name)
     out.print_json(json.dumps(row, default=str))
+
+
+@app.command("verify")
+def verify_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+    """Check every file of an index's current version against the SHA-256 its manifest
+    recorded: exit 0 when all match, else one line saying which differ and exit 1."""
+    from sqlalchemy.orm import Session
+
+    from .indexer.settings import check_name
+    from .indexer.store import checksum_problems, connect, current_version, load_manifest
+
+    check_name(name)
+    settings = _settings()
+    with Session(connect(settings)) as session:
+        version = current_version(session=session, name=name)
+        number, path = int(version.number or version.id), str(version.path)
+    folder = settings.data_dir / path
+    try:
+        manifest = load_manifest(folder)
+    except GradindexError as exc:
+        _fail(f"index {name!r} version {number}: {exc}")
+    if manifest.get("checksums") is None:
+        err.print(f"index {name!r} version {number} was written before checksums (manifest "
+                  f"format {manifest.get('format_version')}); nothing to verify",
+                  highlight=False, soft_wrap=True)
+        return
+    problems = checksum_problems(folder, manifest)
+    if problems:
+        _fail(f"index {name!r} version {number} is damaged: {'; '.join(problems)}; rebuild "
+              f"it with `gradindex refinalize {name}`")
+    err.print(f"index {name!r} version {number}: {len(manifest['checksums'])} files match "
+              "their checksums", highlight=False, soft_wrap=True)
 
 
 @app.command("repair")

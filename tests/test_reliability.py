@@ -8,8 +8,11 @@ serve`` in a subprocess) over an index built once per backend, on SQLite and on 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +22,13 @@ import httpx
 import pytest
 
 from gradindex import BuildConfig, Settings, build, open_index
+from gradindex.indexer.errors import StorageError
 from gradindex.indexer.store import upgrade
 from gradindex.indexer.store.db import dispose_engines
 from gradindex.indexer.tasks import DigitsTask
 
-from .conftest import STORE_TASK, STORE_TASK_ARGS, LiveServer
+from .conftest import GRADINDEX, REPO, STORE_TASK, STORE_TASK_ARGS, LiveServer, storage_env
+from .faults import TcpProxy
 
 NAME = "digits"
 
@@ -221,3 +226,115 @@ def _wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ finding 3: checksums
+
+
+def _verify(settings: Settings) -> subprocess.CompletedProcess[str]:
+    """``gradindex verify digits`` in a new process."""
+    return subprocess.run([*GRADINDEX, "verify", NAME], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **storage_env(settings)})
+
+
+def test_finding3_checksums_are_verified_at_load_and_by_gradindex_verify(
+    served: Served, tmp_path: Path,
+) -> None:
+    if served.backend == "sqlite":
+        dispose_engines()
+    settings = Settings(data_dir=tmp_path / "data", database_url=served.settings.database_url)
+    shutil.copytree(served.settings.data_dir, settings.data_dir)
+    folder = open_index(NAME, settings).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    published = {p.name for p in folder.iterdir()} - {"manifest.json"}
+    assert manifest["format_version"] == 2 and set(manifest["checksums"]) == published
+
+    ok = _verify(settings)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{len(published)} files match their checksums" in ok.stderr
+
+    # One byte of one vector changed in place: a valid file of the same size.
+    vectors = folder / "vectors.npy"
+    original = vectors.read_bytes()
+    damaged = bytearray(original)
+    damaged[-3] ^= 0x40
+    vectors.write_bytes(bytes(damaged))
+    bad = _verify(settings)
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vectors.npy does not match its checksum" in lines[0], lines
+    assert str(tmp_path) not in bad.stderr
+    with pytest.raises(StorageError, match="vectors.npy does not match its checksum"):
+        open_index(NAME, settings)
+
+    # A manifest of format 1 (before checksums) still loads, unchecked.
+    vectors.write_bytes(original)
+    old = {k: v for k, v in manifest.items() if k != "checksums"} | {"format_version": 1}
+    (folder / "manifest.json").write_text(json.dumps(old))
+    assert open_index(NAME, settings).count == 300
+    legacy = _verify(settings)
+    assert legacy.returncode == 0 and "written before checksums" in legacy.stderr
+
+
+# ------------------------------------------------------------------ finding 6: outages
+
+
+@pytest.fixture(scope="module")
+def pg_behind_proxy(pg_databases: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[tuple[Settings, TcpProxy, LiveServer]]:
+    """A keyless server whose PostgreSQL is reached through a proxy the test can stop."""
+    root = tmp_path_factory.mktemp("outage")
+    direct = _settings("postgresql", root, pg_databases)
+    build(BuildConfig(name=NAME, task=STORE_TASK, task_args=dict(STORE_TASK_ARGS)), direct)
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    url = str(direct.database_url).replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    settings = Settings(data_dir=direct.data_dir, database_url=url)
+    server = LiveServer(settings, root / "server.log", auth="off").wait()
+    try:
+        yield direct, proxy, server
+    finally:
+        proxy.start() if not proxy.running else None
+        server.stop()
+        proxy.stop()
+        dispose_engines()
+
+
+def test_finding6_a_database_outage_is_503_with_retry_after_and_recovers(
+    pg_behind_proxy: tuple[Settings, TcpProxy, LiveServer], payloads: list[dict[str, Any]],
+) -> None:
+    _, proxy, server = pg_behind_proxy
+    url = f"{server.url}/v1/indexes/{NAME}"
+    body = {"examples": payloads[:2], "k": 3}
+    calls: list[Callable[[], httpx.Response]] = [
+        lambda: httpx.post(f"{url}/influence", json=body, timeout=30),
+        lambda: httpx.post(f"{url}/scores", json={"examples": payloads[:2], "ids": ["train-1"]},
+                           timeout=30),
+        lambda: httpx.post(f"{url}/select", json=body, timeout=30),
+        lambda: httpx.get(f"{url}/self-influence", timeout=30),
+        lambda: httpx.get(f"{url}/examples/train-1", timeout=30),
+        lambda: httpx.delete(f"{url}/examples/train-2", timeout=30),
+        lambda: httpx.get(f"{server.url}/v1/indexes", timeout=30),
+    ]
+    assert [c().status_code for c in calls[:5]] == [200] * 5
+    assert httpx.get(f"{server.url}/v1/health/ready").json() == {
+        "status": "ready", "database": "ok", "indexes": {NAME: "serving"}}
+
+    proxy.stop()
+    for _ in range(3):
+        for call in calls:
+            response = call()
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "5"
+            assert response.json()["error"]["type"] == "DatabaseUnavailable"
+    assert httpx.get(f"{server.url}/v1/health").status_code == 200  # alive
+    not_ready = httpx.get(f"{server.url}/v1/health/ready")
+    assert not_ready.status_code == 503 and not_ready.headers["Retry-After"] == "5"
+    assert not_ready.json()["database"] == "unavailable"
+    log = server.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert 1 <= log.count("database unavailable:") <= 3, log[-3000:]  # not one per request
+
+    proxy.start()  # the database is back: served again, without a restart
+    _wait_for(lambda: calls[0]().status_code == 200, "the service to come back", timeout=30)
+    assert [c().status_code for c in calls] == [200] * len(calls)
+    assert httpx.get(f"{server.url}/v1/health/ready").status_code == 200

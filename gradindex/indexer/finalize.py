@@ -45,6 +45,7 @@ from .store import (
     build_faiss,
     connect,
     current_version,
+    file_checksums,
     file_lock,
     fsync_dir,
     fsync_file,
@@ -291,6 +292,8 @@ class Finalizer:
             "dim": self.dim,
             "staging_key": self.staging.key,
             "libraries": library_versions(),
+            # Last: the SHA-256 of every file written above, checked whenever it is opened.
+            "checksums": file_checksums(self.tmp),
         }
         save_manifest(self.tmp, manifest)
         return manifest

@@ -32,7 +32,7 @@ from gradindex.indexer.settings import check_name
 from gradindex.indexer.store import connect, current_version
 from gradindex.indexer.task import TaskAdapter
 
-from .errors import IndexUnavailable
+from .errors import IndexUnavailable, is_outage
 from .metrics import Metrics
 from .settings import ServerSettings
 from .worker import DeviceWorker
@@ -156,6 +156,11 @@ class IndexRegistry:
                     await self._open(row["name"])
             except (IndexUnavailable, IndexNotFound):
                 pass  # refused (logged by _open), or deleted meanwhile
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.error("index %r: not opened yet, the database is unavailable (%s); "
+                          "opened on its first request", row["name"], type(exc).__name__)
         log.info("serving %d index(es): %s", len(self._served), ", ".join(self._served) or "-")
 
     async def stop(self) -> None:
@@ -242,6 +247,8 @@ class IndexRegistry:
             self._forget(name)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - one index never stops the rest
+            if is_outage(exc) and not isinstance(exc, OSError):
+                raise  # the database or the disk is down, not the index: 503, retried at once
             raise self._refuse(name, version, exc) from exc
         previous = self._served.get(name)
         served = Served(index, worker, key, now)

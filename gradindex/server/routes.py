@@ -8,23 +8,32 @@ holds the task that renders examples), everything else from the indexer's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
 
 from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
-from gradindex.indexer.errors import ConfigError, TaskError
+from gradindex.indexer.errors import ConfigError, StorageError, TaskError
 from gradindex.indexer.examples import Hit
+from gradindex.indexer.store import connect
 
 from .auth import AdminKey, ReadKey
-from .errors import ClientGone, IndexUnavailable, LimitExceeded
+from .errors import (
+    OUTAGE_RETRY_AFTER_S,
+    ClientGone,
+    IndexUnavailable,
+    LimitExceeded,
+    is_outage,
+)
 from .indexes import IndexRegistry, Served
 from .schemas import (
     CONTRACT_VERSION,
@@ -38,6 +47,7 @@ from .schemas import (
     InfluenceRequest,
     InfluenceResponse,
     InfluenceResult,
+    Readiness,
     ScoresRequest,
     ScoresResponse,
     SelectRequest,
@@ -172,6 +182,36 @@ async def health(registry: Registry, settings: SettingsDep) -> Health:
     return Health(status="ok", contract=CONTRACT_VERSION, version=__version__,
                   auth=settings.auth_required, indexes=len(registry.served),
                   devices=sorted({w.device for w in workers}), workers=len(workers))
+
+
+READY_TIMEOUT_S = 3.0
+"""How long the readiness probe waits for the database."""
+
+
+def _ping(registry: IndexRegistry) -> None:
+    with connect(registry.storage).connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@health_router.get("/v1/health/ready", response_model=Readiness,
+                   responses={503: {"model": Readiness, "description": "Not ready"}})
+async def ready(registry: Registry, response: Response) -> Readiness:
+    """Readiness: the database answers (else 503 with `Retry-After`), and each index's state.
+    ``/v1/health`` is liveness: the process answers."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_ping, registry), READY_TIMEOUT_S)
+        database: Literal["ok", "unavailable"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure to answer means: not ready
+        if not (is_outage(exc) or isinstance(exc, TimeoutError | StorageError)):
+            raise
+        database = "unavailable"
+        response.status_code = 503
+        response.headers["Retry-After"] = str(OUTAGE_RETRY_AFTER_S)
+    indexes: dict[str, Literal["serving", "unavailable"]] = {
+        name: "serving" for name in registry.served}
+    indexes.update({name: "unavailable" for name in registry.refused()})
+    return Readiness(status="ready" if database == "ok" else "unavailable",
+                     database=database, indexes=dict(sorted(indexes.items())))
 
 
 # ------------------------------------------------------------------ indexes

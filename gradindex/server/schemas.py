@@ -18,6 +18,7 @@ __all__ = [
     "IndexDetail",
     "IndexList",
     "IndexSummary",
+    "Readiness",
     "InfluenceRequest",
     "InfluenceResponse",
     "InfluenceResult",
@@ -179,6 +180,16 @@ class Health(BaseModel):
     indexes: int
     devices: list[str]
     workers: int = Field(0, description="Device workers running (one per served model).")
+
+
+class Readiness(BaseModel):
+    """Whether the server can serve now (``/v1/health/ready``): its database answers; and the
+    state of each index it knows."""
+
+    status: Literal["ready", "unavailable"]
+    database: Literal["ok", "unavailable"]
+    indexes: dict[str, Literal["serving", "unavailable"]] = Field(
+        description="Each index this server has opened or refused, by name.")
 
 
 class ErrorBody(BaseModel):
