@@ -68,6 +68,9 @@ DEFAULT_CHUNK_SIZE = 1024
 """``BuildConfig.chunk_size`` (the build module loads torch)."""
 DEFAULT_WINDOW = 4096
 """``BuildConfig.window``."""
+DEMO_INDEX = "digits"
+"""The index ``gradindex demo`` builds (``prepare_demo``'s default name)."""
+
 VERBOSE_HINT = "`gradindex --verbose ...` shows the traceback"
 
 err = Console(stderr=True)
@@ -449,7 +452,11 @@ def demo_settings(*, host: str | None = None, port: int | None = None) -> Server
     overrides = _address(host, port)
     settings = ServerSettings(**overrides)
     if "GRADINDEX_AUTH" not in os.environ and is_loopback(settings.host):
+        # Keyless: only the demo's own index, not others of the data directory that keys
+        # protect elsewhere.
         settings = ServerSettings(**overrides, auth="off")
+        if "GRADINDEX_SERVE_ONLY" not in os.environ:
+            settings = settings.model_copy(update={"serve_only": DEMO_INDEX})
     return settings
 
 

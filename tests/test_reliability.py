@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from gradindex import BuildConfig, Settings, build, open_index
@@ -338,3 +339,166 @@ def test_finding6_a_database_outage_is_503_with_retry_after_and_recovers(
     _wait_for(lambda: calls[0]().status_code == 200, "the service to come back", timeout=30)
     assert [c().status_code for c in calls] == [200] * len(calls)
     assert httpx.get(f"{server.url}/v1/health/ready").status_code == 200
+
+
+# ------------------------------------------------------------------ findings 8 and 9
+
+
+@pytest.fixture(scope="module")
+def guarded(served: Served) -> Iterator[LiveServer]:
+    """A second keyless server over the same data: `/metrics` behind a key, a 1 s header
+    timeout, and serving only an index that is not ``digits``."""
+    root = served.settings.data_dir.parent
+    server = LiveServer(served.settings, root / "guarded.log", auth="off",
+                        metrics_key="m-secret", header_timeout_s="1",
+                        serve_only="another-index").wait()
+    yield server
+    server.stop()
+
+
+def test_finding8_made_up_methods_and_paths_do_not_grow_the_metrics(served: Served) -> None:
+    def series() -> set[str]:
+        text = httpx.get(f"{served.url}/metrics").text
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines()
+                if not line.startswith("#")}
+
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        client.request("BREW", "/v1/x")  # the series of unknown methods, and of /metrics,
+        series()  # exist before counting
+        before = series()
+        for i in range(1000):
+            client.request(f"M{i:04d}X", f"/made/up/{i}")
+    assert series() == before  # counts change, series do not
+    assert 'method="other",route="unmatched"' in httpx.get(f"{served.url}/metrics").text
+
+
+def test_finding8_metrics_key_and_slow_headers(guarded: LiveServer) -> None:
+    assert httpx.get(f"{guarded.url}/metrics").status_code == 401
+    wrong = httpx.get(f"{guarded.url}/metrics", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    right = httpx.get(f"{guarded.url}/metrics", headers={"Authorization": "Bearer m-secret"})
+    assert right.status_code == 200 and "gradindex_requests_total" in right.text
+
+    # Slowloris: headers trickled a byte at a time are cut off by the header timeout (1 s),
+    # long before they end.
+    host, port = guarded.url.removeprefix("http://").split(":")
+    trickle = f"GET /v1/health HTTP/1.1\r\nHost: {host}:{port}\r\nX-Slow: {'a' * 200}\r\n\r\n"
+    closed = False
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for byte in trickle.encode():
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+        if not closed:
+            try:
+                closed = sock.recv(1024) == b""
+            except OSError:
+                closed = True
+    assert closed, "the server waited 10 s for a request's headers"
+    assert httpx.get(f"{guarded.url}/v1/health").status_code == 200
+
+
+def test_finding9_keyless_server_answers_loopback_hosts_only(served: Served,
+                                                              guarded: LiveServer) -> None:
+    url = f"{served.url}/v1/indexes/{NAME}/examples/train-7"
+    rebind = httpx.delete(url, headers={"Host": "rebind.attacker.example"})
+    _error(rebind, 421, "rebind.attacker.example", "GRADINDEX_ALLOWED_HOSTS")
+    assert httpx.get(url).status_code == 200  # not deleted
+    port = served.url.rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost"):
+        assert httpx.get(f"{served.url}/v1/health", headers={"Host": host}).status_code == 200
+    for host in ("127.0.0.1.nip.io", "localhost.attacker.example", "", "10.0.0.1"):
+        assert httpx.get(f"{served.url}/v1/health", headers={"Host": host}).status_code == 421
+    # No redirect built from the Host header (a trailing slash is a 404, not a 307).
+    slash = httpx.get(f"{served.url}/v1/indexes/", headers={"Host": f"localhost:{port}"})
+    assert slash.status_code == 404 and "location" not in slash.headers
+    # A server told to serve one index answers for no other (the keyless demo: its own).
+    listing = httpx.get(f"{guarded.url}/v1/indexes").json()["indexes"]
+    assert listing == []
+    _error(httpx.get(f"{guarded.url}/v1/indexes/{NAME}"), 404, "no index named")
+    assert httpx.post(f"{guarded.url}/v1/indexes/{NAME}/influence",
+                      json={"examples": [{"x": [0] * 64, "y": 1}]}).status_code == 404
+
+
+def test_finding9_the_keyless_demo_serves_only_its_index(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    from gradindex.cli import demo_settings
+
+    for name in ("GRADINDEX_AUTH", "GRADINDEX_SERVE_ONLY", "GRADINDEX_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    keyless = demo_settings()
+    assert (keyless.auth_required, keyless.served_names) == (False, {"digits"})
+    assert keyless.host_allow_list == ["localhost", "127.0.0.1", "::1"]
+    monkeypatch.setenv("GRADINDEX_AUTH", "on")
+    assert demo_settings().served_names is None  # with keys: every index, as `serve`
+
+
+# ------------------------------------------------------------------ findings 1 and 10 (last:
+# they replace the module's index)
+
+
+def _scores(url: str, payloads: list[dict[str, Any]], ids: list[str]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/indexes/{NAME}/scores",
+                      json={"examples": payloads, "ids": ids}, timeout=60)
+
+
+def test_finding10_two_publishes_within_the_reload_window_are_503_never_empty(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    from gradindex import refinalize
+
+    root = served.settings.data_dir.parent
+    server = LiveServer(served.settings, root / "slow-reload.log", auth="off",
+                        reload_ttl_s="600").wait()
+    try:
+        url = f"{server.url}/v1/indexes/{NAME}"
+        first = _scores(server.url, payloads[:1], ["train-1"])
+        assert first.status_code == 200
+        refinalize(served.settings, NAME, damping=0.3)
+        newest = refinalize(served.settings, NAME, damping=0.4)  # the served one is retired
+        answers = {
+            "influence": httpx.post(f"{url}/influence", json={"examples": payloads[:1]}),
+            "scores": _scores(server.url, payloads[:1], ["train-1"]),
+            "all scores": httpx.post(f"{url}/scores", json={"examples": payloads[:1]}),
+            "self-influence": httpx.get(f"{url}/self-influence"),
+            "example": httpx.get(f"{url}/examples/train-1"),
+        }
+        for what, response in answers.items():
+            if response.status_code != 503:  # the first 503 already reopened the index
+                assert response.status_code == 200, (what, response.text[:300])
+                assert response.json().get("version", newest) == newest, what
+        assert answers["influence"].status_code == 503 or answers["scores"].status_code == 503
+        after = _scores(server.url, payloads[:1], ["train-1"])
+        assert after.status_code == 200 and after.json()["version"] == newest
+        reference = open_index(NAME, served.settings)
+        from gradindex.indexer.query import featurizer_for, query_vectors
+
+        want = reference.scores(query_vectors(featurizer_for(reference), payloads[:1]),
+                                ["train-1"])[1]
+        np.testing.assert_allclose(after.json()["scores"], want, rtol=1e-4, atol=1e-4)
+    finally:
+        server.stop()
+
+
+def test_finding1_delete_and_rebuild_serve_the_new_build(
+    served: Served, payloads: list[dict[str, Any]],
+) -> None:
+    from gradindex import PreconditionerConfig
+    from gradindex.indexer.admin import delete_index
+    from gradindex.indexer.query import featurizer_for, query_vectors
+
+    ids = ["train-1", "train-2", "train-3"]
+    before = _scores(served.url, payloads[:2], ids)
+    assert before.status_code == 200
+    delete_index(served.settings, NAME)  # no request in between: only identities tell
+    build(BuildConfig(name=NAME, task=STORE_TASK, task_args=dict(STORE_TASK_ARGS),
+                      preconditioner=PreconditionerConfig(damping=0.05)), served.settings)
+    reference = open_index(NAME, served.settings)
+    want = reference.scores(query_vectors(featurizer_for(reference), payloads[:2]), ids)[1]
+    assert not np.allclose(want, before.json()["scores"], rtol=1e-3)  # another build indeed
+    after = _scores(served.url, payloads[:2], ids)
+    assert after.status_code == 200 and after.json()["version"] == reference.version == 1
+    np.testing.assert_allclose(after.json()["scores"], want, rtol=1e-4, atol=1e-4)

@@ -141,6 +141,17 @@ class IndexRegistry:
     def served(self) -> dict[str, Served]:
         return dict(self._served)
 
+    def serves(self, name: str) -> bool:
+        """Whether this server serves ``name`` at all (``GRADINDEX_SERVE_ONLY``)."""
+        only = self.settings.served_names
+        return only is None or name in only
+
+    def expire(self, name: str) -> None:
+        """Check ``name``'s current version at its next request (it was found replaced)."""
+        served = self._served.get(name)
+        if served is not None:
+            served.checked = float("-inf")
+
     def refused(self) -> dict[str, str]:
         """Why each refused index is not served."""
         return {name: r.message for name, r in self._refused.items()}
@@ -149,7 +160,7 @@ class IndexRegistry:
         """Open every published index; one that fails is refused, never fatal."""
         rows = await asyncio.to_thread(list_indexes, self.storage)
         for row in rows:
-            if row["version"] is None:
+            if row["version"] is None or not self.serves(row["name"]):
                 continue
             try:
                 async with self._lock:
@@ -179,6 +190,8 @@ class IndexRegistry:
             IndexUnavailable: the index exists but cannot be served.
         """
         check_name(name)
+        if not self.serves(name):
+            raise IndexNotFound(f"no index named {name!r} on this server")
         now = time.monotonic()
         served = self._served.get(name)
         if served is not None and now - served.checked < self.settings.reload_ttl_s:

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
-from gradindex.indexer.errors import ConfigError, StorageError, TaskError
+from gradindex.indexer.errors import ConfigError, ExampleNotFound, StorageError, TaskError
 from gradindex.indexer.examples import Hit
 from gradindex.indexer.store import connect
 
@@ -130,6 +130,20 @@ def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
                           f"request, got {len(examples)}; split the request")
 
 
+async def _unless_replaced(served: Served, registry: IndexRegistry) -> None:
+    """Raise 503 if ``served`` stopped being the published version while a request read it:
+    an empty or missing answer may then be the retired version's rows already gone, never
+    the truth about the index. The next request opens the new version.
+
+    Raises:
+        IndexUnavailable: the version was replaced (retry).
+    """
+    if not await run_in_threadpool(served.index.is_current):
+        registry.expire(served.index.name)
+        raise IndexUnavailable(f"index {served.index.name!r} version {served.index.version} was "
+                               "replaced while this request read it; retry")
+
+
 def _check_budget(hits: int, settings: ServerSettings, what: str) -> None:
     """Refuse (413) a request whose response would hold more than ``max_results`` hits."""
     if hits > settings.max_results:
@@ -222,6 +236,7 @@ async def get_indexes(_key: ReadKey, registry: Registry) -> IndexList:
     """Every index, with its current version and whether this server serves it."""
     rows = await run_in_threadpool(list_indexes, registry.storage)
     registry.sync({r["name"] for r in rows})
+    rows = [r for r in rows if registry.serves(r["name"])]
     return IndexList(indexes=[IndexSummary(**_summary(r, registry)) for r in rows])
 
 
@@ -278,7 +293,8 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
 async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
-                 settings: SettingsDep, request: Request) -> ScoresResponse:
+                 settings: SettingsDep, request: Request, registry: Registry
+                 ) -> ScoresResponse:
     """Exact scores ``[example][id]`` against the given (or every live) training id."""
     _check_examples(body.examples, settings)
     if body.ids is not None and len(body.ids) > settings.max_ids:
@@ -294,7 +310,13 @@ async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
     for start, chunk in _batches(body.examples, settings):
         await _stop_if_gone(request, start, len(body.examples))
         q = await served.worker.query(chunk)
-        ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
+        try:
+            ids, matrix = await run_in_threadpool(served.index.scores, q, body.ids)
+        except ExampleNotFound:
+            await _unless_replaced(served, registry)
+            raise
+        if not ids:
+            await _unless_replaced(served, registry)
         if not np.isfinite(matrix).all():
             _finite(float("inf"))
         rows += matrix.tolist()
@@ -321,7 +343,7 @@ async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
 
 @router.get("/{name}/self-influence", response_model=SelfInfluencePage)
 async def self_influence(
-    _key: ReadKey, served: IndexDep,
+    _key: ReadKey, served: IndexDep, registry: Registry,
     limit: Annotated[int, Query(ge=1, le=1000, description="Examples per page.")] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
     ascending: Annotated[bool, Query(description="Lowest self-influence first.")] = False,
@@ -330,6 +352,8 @@ async def self_influence(
     """Training examples ranked by self-influence: outlier and mislabel candidates first."""
     hits = await run_in_threadpool(lambda: served.index.self_influence(
         limit, offset=offset, descending=not ascending))
+    if not hits:
+        await _unless_replaced(served, registry)
     return SelfInfluencePage(
         index=served.index.name, version=served.index.version, limit=limit, offset=offset,
         next_offset=offset + limit if len(hits) == limit else None,
@@ -340,16 +364,24 @@ ExampleId = Annotated[str, Path(description="The example's id.", max_length=512)
 
 
 @router.get("/{name}/examples/{example_id:path}", response_model=TrainingExample)
-async def get_example(_key: ReadKey, served: IndexDep, example_id: ExampleId
-                      ) -> TrainingExample:
+async def get_example(_key: ReadKey, served: IndexDep, example_id: ExampleId,
+                      registry: Registry) -> TrainingExample:
     """One live training example."""
-    return _training(await run_in_threadpool(served.index.example, example_id))
+    try:
+        return _training(await run_in_threadpool(served.index.example, example_id))
+    except ExampleNotFound:
+        await _unless_replaced(served, registry)
+        raise
 
 
 @router.delete("/{name}/examples/{example_id:path}", response_model=DeleteResult)
-async def delete_example(_key: AdminKey, served: IndexDep, example_id: ExampleId
-                         ) -> DeleteResult:
+async def delete_example(_key: AdminKey, served: IndexDep, example_id: ExampleId,
+                         registry: Registry) -> DeleteResult:
     """Remove a training example from every result, for good (needs an admin key)."""
-    hit = await run_in_threadpool(served.index.delete, example_id)
+    try:
+        hit = await run_in_threadpool(served.index.delete, example_id)
+    except ExampleNotFound:
+        await _unless_replaced(served, registry)
+        raise
     return DeleteResult(deleted=_training(hit))
 
