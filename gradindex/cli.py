@@ -115,7 +115,15 @@ class _Commands(TyperGroup):
         except Exception as exc:
             if ctx.find_root().params.get("verbose"):
                 raise
-            _fail(f"unexpected {type(exc).__name__}: {exc} ({VERBOSE_HINT})")
+            orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError: the driver's error
+            if orig is not None:
+                text = " ".join(str(orig).split())
+                if "disk is full" in text.lower() or "no space left" in text.lower():
+                    _fail(f"the database's disk is full ({text}); free space and run the "
+                          "command again")
+                _fail(f"the database failed: {type(orig).__name__}: {text} ({VERBOSE_HINT})")
+            _fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+                  f"({VERBOSE_HINT})")
 
 
 def _usage_error(exc: ClickException) -> NoReturn:

@@ -502,3 +502,76 @@ def test_finding1_delete_and_rebuild_serve_the_new_build(
     after = _scores(served.url, payloads[:2], ids)
     assert after.status_code == 200 and after.json()["version"] == reference.version == 1
     np.testing.assert_allclose(after.json()["scores"], want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ finding 6: a full disk
+
+FULL_DISK = r'''
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import httpx
+
+from gradindex import Settings
+from tests.conftest import GRADINDEX, LiveServer
+
+source, mount, log = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+size = sum(f.stat().st_size for f in source.rglob("*") if f.is_file()) + (4 << 20)
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+data = mount / "data"
+shutil.copytree(source, data)
+server = LiveServer(Settings(data_dir=data), log, auth="off").wait()
+url = f"{server.url}/v1/indexes/digits/examples"
+out = {"before": httpx.get(f"{url}/train-7").status_code}
+with open(mount / "filler", "wb") as filler:  # the disk fills up
+    try:
+        while True:
+            filler.write(b"\0" * 65536)
+            filler.flush()
+    except OSError:
+        pass
+response = httpx.delete(f"{url}/train-7", timeout=60)
+out["delete"] = [response.status_code, response.headers.get("retry-after"), response.json()]
+keys = subprocess.run([*GRADINDEX, "keys", "create", "--scope", "read"], capture_output=True,
+                      text=True, env={**os.environ, "GRADINDEX_DATA_DIR": str(data),
+                                      "GRADINDEX_DATABASE_URL": ""}, timeout=120)
+out["keys"] = [keys.returncode, keys.stderr]
+out["ready"] = httpx.get(f"{server.url}/v1/health").status_code
+(mount / "filler").unlink()  # space again
+out["after"] = httpx.delete(f"{url}/train-7", timeout=60).status_code
+server.stop()
+print(json.dumps(out))
+'''
+
+
+def test_finding6_a_full_disk_is_503_for_admin_delete_and_one_line_for_the_cli(
+    served: Served, tmp_path: Path,
+) -> None:
+    """On a real full file system (a small tmpfs, in a mount namespace of its own)."""
+    if served.backend != "sqlite":  # the disk that fills is SQLite's; PostgreSQL's is shared
+        return
+    if shutil.which("unshare") is None:
+        pytest.fail("this test needs util-linux `unshare` (a private tmpfs mount)")
+    dispose_engines()
+    source = tmp_path / "source"
+    shutil.copytree(served.settings.data_dir, source)
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", *GRADINDEX[:2], FULL_DISK,
+         str(source), str(tmp_path / "mnt"), str(tmp_path / "server.log")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["before"] == 200
+    status, retry_after, error = out["delete"]
+    assert (status, retry_after) == (503, "5"), error
+    assert error["error"]["type"] == "StorageFull", error
+    assert "disk is full" in error["error"]["message"]
+    code, stderr = out["keys"]
+    lines = stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "full" in lines[0], stderr
+    assert "Traceback" not in stderr
+    assert out["ready"] == 200 and out["after"] == 200  # served again once there is room
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log, log[-3000:]

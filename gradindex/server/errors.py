@@ -6,6 +6,7 @@ Library code raises the indexer's error hierarchy (or the few server errors belo
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Any
@@ -153,6 +154,16 @@ class _OutageLog:
 _outage_log = _OutageLog()
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (ENOSPC, SQLite's SQLITE_FULL, PostgreSQL's 53100)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    orig = getattr(exc, "orig", None)
+    text = str(orig or exc).lower()
+    return ("disk is full" in text or "no space left" in text
+            or getattr(orig, "sqlstate", None) == "53100")
+
+
 def outage_response(exc: BaseException) -> JSONResponse:
     """The 503 of a database or storage failure, logged in one line (no traceback)."""
     if isinstance(exc, OSError):
@@ -165,6 +176,9 @@ def outage_response(exc: BaseException) -> JSONResponse:
         orig = getattr(exc, "orig", None) or exc
         detail = " ".join(f"{type(orig).__name__}: {orig}".split())[:300]
         message = "the database is unavailable; try again later"
+    if _disk_full(exc):
+        kind, what = "StorageFull", "disk full"
+        message = "the server's disk is full; try again once space is freed"
     _outage_log(what, detail)
     return error_response(503, kind, message,
                           headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)})
