@@ -19,12 +19,14 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
 from gradindex.indexer.errors import ConfigError, ExampleNotFound, StorageError, TaskError
 from gradindex.indexer.examples import Hit
-from gradindex.indexer.store import connect
+from gradindex.indexer.reader import Index
+from gradindex.indexer.store import IndexVersion, connect
 
 from .auth import AdminKey, ReadKey
 from .errors import (
@@ -130,18 +132,25 @@ def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
                           f"request, got {len(examples)}; split the request")
 
 
+def _retired(index: Index) -> bool:
+    """Whether ``index``'s version was dropped from the database (beyond retention)."""
+    with Session(index.engine) as session:
+        return session.get(IndexVersion, index.version_id) is None
+
+
 async def _unless_replaced(served: Served, registry: IndexRegistry) -> None:
-    """Raise 503 if ``served`` stopped being the published version while a request read it:
-    an empty or missing answer may then be the retired version's rows already gone, never
-    the truth about the index. The next request opens the new version.
+    """Raise 503 if ``served``'s version was retired (its rows dropped) while a request read
+    it: an empty or missing answer is then the rows already gone, never the truth about the
+    index. The next request opens the current version. A version replaced but still retained
+    answers for itself, as every reader of it does until it reloads.
 
     Raises:
-        IndexUnavailable: the version was replaced (retry).
+        IndexUnavailable: the version was retired (retry).
     """
-    if not await run_in_threadpool(served.index.is_current):
+    if await run_in_threadpool(_retired, served.index):
         registry.expire(served.index.name)
         raise IndexUnavailable(f"index {served.index.name!r} version {served.index.version} was "
-                               "replaced while this request read it; retry")
+                               "retired while this request read it; retry")
 
 
 def _check_budget(hits: int, settings: ServerSettings, what: str) -> None:
