@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query bench-build clean
+.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query bench-build bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ unit: $(STAMP)
 test: lint unit
 
 # Long measurements; each writes its tables (and plots) and bench/RESULTS.md says which ran.
-bench: bench-featurize bench-fidelity bench-query bench-index bench-build
+bench: bench-featurize bench-fidelity bench-query bench-soak bench-index bench-build
 
 bench-featurize: $(STAMP)
 	$(BIN)/python bench/featurize.py
@@ -46,6 +46,10 @@ bench-fidelity: $(STAMP)
 
 bench-query: $(STAMP)
 	BIN=$(BIN) bench/query_load.sh
+
+# 64 clients for 60 s on PostgreSQL (deletes, a refinalize), then again with a database outage.
+bench-soak: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python bench/soak.py
 
 # About 45 minutes and 11 GB at 1e6 vectors.
 bench-index: $(STAMP)

@@ -1,5 +1,5 @@
-"""The ``gradindex`` command line: build, finalize, list, info, refinalize, repair, delete, serve,
-demo, keys, db upgrade.
+"""The ``gradindex`` command line: build, finalize, list, info, verify, refinalize, repair,
+delete, serve, demo, keys, db upgrade.
 
 Start-up stays light: the module imports typer, rich, the settings and the strategy names
 (:mod:`.indexer.registry`) only. Torch, FAISS and the server are imported inside the commands
@@ -68,6 +68,9 @@ DEFAULT_CHUNK_SIZE = 1024
 """``BuildConfig.chunk_size`` (the build module loads torch)."""
 DEFAULT_WINDOW = 4096
 """``BuildConfig.window``."""
+DEMO_INDEX = "digits"
+"""The index ``gradindex demo`` builds (``prepare_demo``'s default name)."""
+
 VERBOSE_HINT = "`gradindex --verbose ...` shows the traceback"
 
 err = Console(stderr=True)
@@ -112,7 +115,15 @@ class _Commands(TyperGroup):
         except Exception as exc:
             if ctx.find_root().params.get("verbose"):
                 raise
-            _fail(f"unexpected {type(exc).__name__}: {exc} ({VERBOSE_HINT})")
+            orig = getattr(exc, "orig", None)  # SQLAlchemy's DBAPIError: the driver's error
+            if orig is not None:
+                text = " ".join(str(orig).split())
+                if "disk is full" in text.lower() or "no space left" in text.lower():
+                    _fail(f"the database's disk is full ({text}); free space and run the "
+                          "command again")
+                _fail(f"the database failed: {type(orig).__name__}: {text} ({VERBOSE_HINT})")
+            _fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+                  f"({VERBOSE_HINT})")
 
 
 def _usage_error(exc: ClickException) -> NoReturn:
@@ -365,6 +376,38 @@ def info_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     out.print_json(json.dumps(row, default=str))
 
 
+@app.command("verify")
+def verify_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+    """Check every file of an index's current version against the SHA-256 its manifest
+    recorded: exit 0 when all match, else one line saying which differ and exit 1."""
+    from sqlalchemy.orm import Session
+
+    from .indexer.settings import check_name
+    from .indexer.store import checksum_problems, connect, current_version, load_manifest
+
+    check_name(name)
+    settings = _settings()
+    with Session(connect(settings)) as session:
+        version = current_version(session=session, name=name)
+        number, path = int(version.number or version.id), str(version.path)
+    folder = settings.data_dir / path
+    try:
+        manifest = load_manifest(folder)
+    except GradindexError as exc:
+        _fail(f"index {name!r} version {number}: {exc}")
+    if manifest.get("checksums") is None:
+        err.print(f"index {name!r} version {number} was written before checksums (manifest "
+                  f"format {manifest.get('format_version')}); nothing to verify",
+                  highlight=False, soft_wrap=True)
+        return
+    problems = checksum_problems(folder, manifest)
+    if problems:
+        _fail(f"index {name!r} version {number} is damaged: {'; '.join(problems)}; rebuild "
+              f"it with `gradindex refinalize {name}`")
+    err.print(f"index {name!r} version {number}: {len(manifest['checksums'])} files match "
+              "their checksums", highlight=False, soft_wrap=True)
+
+
 @app.command("repair")
 def repair_cmd(
     name: Annotated[str, typer.Argument(help="Index name.")],
@@ -459,7 +502,11 @@ def demo_settings(*, host: str | None = None, port: int | None = None) -> Server
     overrides = _address(host, port)
     settings = ServerSettings(**overrides)
     if "GRADINDEX_AUTH" not in os.environ and is_loopback(settings.host):
+        # Keyless: only the demo's own index, not others of the data directory that keys
+        # protect elsewhere.
         settings = ServerSettings(**overrides, auth="off")
+        if "GRADINDEX_SERVE_ONLY" not in os.environ:
+            settings = settings.model_copy(update={"serve_only": DEMO_INDEX})
     return settings
 
 

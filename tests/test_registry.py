@@ -28,10 +28,12 @@ from gradindex import (
     open_index,
 )
 from gradindex.indexer.admin import delete_index
+from gradindex.indexer.errors import StorageError
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.store.db import dispose_engines
 from gradindex.indexer.tasks import DigitsTask
 from gradindex.server.errors import Overloaded
+from gradindex.server.indexes import failure_reason
 from gradindex.server.metrics import Metrics
 from gradindex.server.worker import DeviceWorker
 
@@ -103,6 +105,20 @@ def _truncate(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
 
+def _scale_a_faiss_vector(folder: Path) -> None:
+    """Multiply one stored FAISS vector by 50, in place: a valid file of the same size."""
+    import faiss
+
+    index = faiss.read_index(str(folder / "index.faiss"))
+    flat = faiss.downcast_index(index.index)
+    codes = faiss.vector_to_array(flat.codes).view(np.float32).copy()
+    codes[: flat.d] *= 50
+    faiss.copy_array_to_vector(codes.view(np.uint8), flat.codes)
+    size = (folder / "index.faiss").stat().st_size
+    faiss.write_index(index, str(folder / "index.faiss"))
+    assert (folder / "index.faiss").stat().st_size == size
+
+
 def _expire_licence(folder: Path, template: Template) -> None:
     template.marker.write_text("expired")
 
@@ -118,7 +134,41 @@ DAMAGE: dict[str, tuple[Callable[[Path, Template], None], list[str]]] = {
     "invalid manifest JSON": (lambda f, t: (f / "manifest.json").write_text('{"task": '),
                               ["manifest.json", "not valid JSON"]),
     "task constructor raises": (_expire_licence, ["RuntimeError", "licence", "has expired"]),
+    "truncated relative.faiss": (lambda f, t: _truncate(f / "relative.faiss"),
+                                 ["relative.faiss", "truncated"]),
+    # Finding 3: a valid FAISS file of the same size, one vector scaled ×50.
+    "FAISS vector scaled x50": (lambda f, t: _scale_a_faiss_vector(f),
+                                ["index.faiss", "does not match its checksum"]),
 }
+
+
+MORE_DAMAGE: dict[str, tuple[Callable[[Path], None], list[str]]] = {
+    "empty index.faiss": (lambda f: os.truncate(f / "index.faiss", 0), ["index.faiss", "empty"]),
+    "empty relative.faiss": (lambda f: os.truncate(f / "relative.faiss", 0),
+                             ["relative.faiss", "empty"]),
+    "truncated vectors.npy": (lambda f: _truncate(f / "vectors.npy"),
+                              ["vectors.npy", "truncated"]),
+    "empty ids.npy": (lambda f: os.truncate(f / "ids.npy", 0), ["ids.npy", "empty"]),
+    "manifest not an object": (lambda f: (f / "manifest.json").write_text("[1, 2]"),
+                               ["manifest.json"]),
+}
+"""More damage, checked where the server's registry meets it (opening the version) without a
+server each: :data:`DAMAGE` shows the server's side of the same errors."""
+
+
+@pytest.mark.parametrize("damage", list(MORE_DAMAGE))
+def test_more_damage_is_a_storage_error_without_paths(damage: str, template: Template,
+                                                     tmp_path: Path) -> None:
+    settings = template.copy(tmp_path / "data")
+    folder = open_index(HEALTHY, settings).folder
+    hurt, words = MORE_DAMAGE[damage]
+    hurt(folder)
+    with pytest.raises(StorageError) as caught:
+        open_index(HEALTHY, settings)
+    reason = failure_reason(caught.value, settings.data_dir)
+    assert all(w in reason for w in words), reason
+    assert not _absolute_paths(reason) and str(tmp_path) not in reason, reason
+    dispose_engines()
 
 
 @pytest.fixture()

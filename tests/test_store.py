@@ -191,10 +191,11 @@ def test_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
 def test_manifest_round_trip_and_old_format(tmp_path: Path) -> None:
     save_manifest(tmp_path, {"name": "x", "faiss": {"kind": "hnsw", "fp16": True}})
     data = load_manifest(tmp_path)
-    assert data["format_version"] == 1 and data["faiss"]["kind"] == "hnsw"
+    assert data["format_version"] == 2 and data["faiss"]["kind"] == "hnsw"
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "old", "faiss_kind": "ivf"}))
     old = load_manifest(tmp_path)
-    assert old["format_version"] == 1 and old["faiss"] == {"kind": "ivf", "fp16": False}
+    assert old["format_version"] == 2 and old["faiss"] == {"kind": "ivf", "fp16": False}
+    assert old["checksums"] is None  # written before checksums: opened without the check
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(Exception, match="upgrade gradindex"):
         load_manifest(tmp_path)

@@ -46,6 +46,7 @@ from .store import (
     build_faiss,
     connect,
     current_version,
+    file_checksums,
     file_lock,
     fsync_dir,
     fsync_file,
@@ -308,6 +309,8 @@ class Finalizer:
             "metadata_schema": self.metadata_schema.to_json(),
             "staging_key": self.staging.key,
             "libraries": library_versions(),
+            # Last: the SHA-256 of every file written above, checked whenever it is opened.
+            "checksums": file_checksums(self.tmp),
         }
         save_manifest(self.tmp, manifest)
         return manifest

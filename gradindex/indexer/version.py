@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .errors import GradindexError, StorageError
-from .store import MANIFEST_NAME, FaissConfig, faiss_ids, load_manifest, read_faiss
+from .store import (
+    MANIFEST_NAME,
+    FaissConfig,
+    checksum_problems,
+    faiss_ids,
+    load_manifest,
+    read_faiss,
+)
 
 __all__ = ["VersionFiles"]
 
@@ -110,6 +117,9 @@ class VersionFiles:
         if relative.get("file"):
             files.relative_faiss = files._read(str(relative["file"]), read_faiss)
         files._check_shapes()
+        # After loading, so a truncated file is reported as truncated; this catches what loads
+        # but changed after publishing (a vector rescaled in place, another build's file).
+        files._check_checksums()
         return files
 
     @property
@@ -159,6 +169,16 @@ class VersionFiles:
             raise bad("belongs to another build of this version (its build id differs from the "
                       "database's)")
         return manifest
+
+    def _check_checksums(self) -> None:
+        """Every file against the manifest's SHA-256 (none for manifests older than format 2)."""
+        try:
+            problems = checksum_problems(self.folder, self.manifest)
+        except GradindexError as exc:
+            raise self._error(f"{MANIFEST_NAME} of version {self.version}: {exc}",
+                              manifest=True) from exc
+        if problems:
+            raise self._error(f"version {self.version} is damaged: {'; '.join(problems)}")
 
     def _read(self, file: str, load: Callable[[Path], T]) -> T:
         what = f"{file} of version {self.version}"

@@ -9,13 +9,14 @@ index (reporting those it cannot serve as unavailable) and starts one device wor
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +30,7 @@ from .indexes import IndexRegistry
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .page import page_router
 from .routes import health_router, router
+from .serving import uvicorn_options as uvicorn_limits
 from .settings import ServerSettings
 
 __all__ = ["create_app"]
@@ -106,8 +108,13 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted under their own name; any other is counted as ``other``."""
+
+
 class RequestMetrics:
-    """Counts requests and times them, by route template (bounded label values)."""
+    """Counts requests and times them, by route template (bounded label values: an unmatched
+    path is ``unmatched``, an unknown method ``other``)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -132,6 +139,7 @@ class RequestMetrics:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             method = str(scope.get("method", ""))
+            method = method if method in KNOWN_METHODS else "other"
             self.metrics.requests.labels(path, method, str(status)).inc()
             self.metrics.latency.labels(path, method).observe(time.perf_counter() - started)
 
@@ -175,7 +183,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(page_router)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if settings.metrics_key is not None:
+            sent = request.headers.get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {settings.metrics_key}".encode()):
+                return error_response(401, "Unauthorized",
+                                      "/metrics needs `Authorization: Bearer <key>` with the "
+                                      "metrics key (GRADINDEX_METRICS_KEY)",
+                                      headers={"WWW-Authenticate": "Bearer"})
         for worker in registry.workers:
             metrics.queue_depth.labels(worker.name).set(worker.depth)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -197,5 +212,6 @@ def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
 
     connect(settings.storage())
 
+    options = {**uvicorn_limits(settings), **uvicorn_options}
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", **uvicorn_options)
+                log_level="info", **options)

@@ -6,12 +6,15 @@ Library code raises the indexer's error hierarchy (or the few server errors belo
 
 from __future__ import annotations
 
+import errno
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gradindex.indexer.errors import (
@@ -37,6 +40,8 @@ __all__ = [
     "Unauthorized",
     "error_response",
     "install_error_handlers",
+    "is_outage",
+    "outage_response",
     "status_of",
 ]
 
@@ -112,9 +117,78 @@ def error_response(status: int, kind: str, message: str,
                         headers=headers)
 
 
+OUTAGE_RETRY_AFTER_S = 5
+"""``Retry-After`` of a 503 for a database or storage failure (restarts take seconds)."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database or the disk failed, not the request: a connection
+    refused or lost, a database that is down or full, an OS error (no space left, I/O)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OSError)
+
+
+class _OutageLog:
+    """One log line per failure, never a traceback; the same failure repeated within
+    ``every_s`` seconds is counted and summed up in the next line instead."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.last: dict[str, float] = {}
+        self.quiet: dict[str, int] = {}
+
+    def __call__(self, what: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(what, -1e9) < self.every_s:
+            self.quiet[what] = self.quiet.get(what, 0) + 1
+            return
+        self.last[what] = now
+        more = self.quiet.pop(what, 0)
+        tail = f" ({more} more since the last line)" if more else ""
+        log.error("%s: %s%s", what, detail, tail)
+
+
+_outage_log = _OutageLog()
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (ENOSPC, SQLite's SQLITE_FULL, PostgreSQL's 53100)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    orig = getattr(exc, "orig", None)
+    text = str(orig or exc).lower()
+    return ("disk is full" in text or "no space left" in text
+            or getattr(orig, "sqlstate", None) == "53100")
+
+
+def outage_response(exc: BaseException) -> JSONResponse:
+    """The 503 of a database or storage failure, logged in one line (no traceback)."""
+    if isinstance(exc, OSError):
+        kind, what = "StorageUnavailable", "storage failed"
+        detail = f"{type(exc).__name__}: {exc.strerror or exc}"
+        message = (f"the server's storage failed ({exc.strerror or type(exc).__name__}); "
+                   "try again later")
+    else:
+        kind, what = "DatabaseUnavailable", "database unavailable"
+        orig = getattr(exc, "orig", None) or exc
+        detail = " ".join(f"{type(orig).__name__}: {orig}".split())[:300]
+        message = "the database is unavailable; try again later"
+    if _disk_full(exc):
+        kind, what = "StorageFull", "disk full"
+        message = "the server's disk is full; try again once space is freed"
+    _outage_log(what, detail)
+    return error_response(503, kind, message,
+                          headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)})
+
+
 def _headers(exc: BaseException) -> dict[str, str] | None:
     if isinstance(exc, Overloaded):
         return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, StorageError):
+        return {"Retry-After": str(OUTAGE_RETRY_AFTER_S)}
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
     return None
@@ -155,6 +229,12 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
                           dict(exc.headers) if exc.headers else None)
 
 
+async def _outage(request: Request, exc: Exception) -> JSONResponse:
+    if is_outage(exc):
+        return outage_response(exc)
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error", exc_info=exc)
     return error_response(500, "InternalError", "the server failed; see its log")
@@ -165,4 +245,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GradindexError, _gradindex_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Handled by class, not by the catch-all below: Starlette re-raises what reaches that one
+    # (to the server, which logs a traceback per request).
+    app.add_exception_handler(DBAPIError, _outage)
+    app.add_exception_handler(OSError, _outage)
     app.add_exception_handler(Exception, _unexpected)

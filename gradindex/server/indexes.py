@@ -32,7 +32,7 @@ from gradindex.indexer.settings import check_name
 from gradindex.indexer.store import connect, current_version
 from gradindex.indexer.task import TaskAdapter
 
-from .errors import IndexUnavailable
+from .errors import IndexUnavailable, is_outage
 from .metrics import Metrics
 from .settings import ServerSettings
 from .worker import DeviceWorker
@@ -141,6 +141,17 @@ class IndexRegistry:
     def served(self) -> dict[str, Served]:
         return dict(self._served)
 
+    def serves(self, name: str) -> bool:
+        """Whether this server serves ``name`` at all (``GRADINDEX_SERVE_ONLY``)."""
+        only = self.settings.served_names
+        return only is None or name in only
+
+    def expire(self, name: str) -> None:
+        """Check ``name``'s current version at its next request (it was found replaced)."""
+        served = self._served.get(name)
+        if served is not None:
+            served.checked = float("-inf")
+
     def refused(self) -> dict[str, str]:
         """Why each refused index is not served."""
         return {name: r.message for name, r in self._refused.items()}
@@ -149,13 +160,18 @@ class IndexRegistry:
         """Open every published index; one that fails is refused, never fatal."""
         rows = await asyncio.to_thread(list_indexes, self.storage)
         for row in rows:
-            if row["version"] is None:
+            if row["version"] is None or not self.serves(row["name"]):
                 continue
             try:
                 async with self._lock:
                     await self._open(row["name"])
             except (IndexUnavailable, IndexNotFound):
                 pass  # refused (logged by _open), or deleted meanwhile
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.error("index %r: not opened yet, the database is unavailable (%s); "
+                          "opened on its first request", row["name"], type(exc).__name__)
         log.info("serving %d index(es): %s", len(self._served), ", ".join(self._served) or "-")
 
     async def stop(self) -> None:
@@ -174,6 +190,8 @@ class IndexRegistry:
             IndexUnavailable: the index exists but cannot be served.
         """
         check_name(name)
+        if not self.serves(name):
+            raise IndexNotFound(f"no index named {name!r} on this server")
         now = time.monotonic()
         served = self._served.get(name)
         if served is not None and now - served.checked < self.settings.reload_ttl_s:
@@ -242,6 +260,8 @@ class IndexRegistry:
             self._forget(name)
             raise
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - one index never stops the rest
+            if is_outage(exc) and not isinstance(exc, OSError):
+                raise  # the database or the disk is down, not the index: 503, retried at once
             raise self._refuse(name, version, exc) from exc
         previous = self._served.get(name)
         served = Served(index, worker, key, now)

@@ -8,25 +8,36 @@ holds the task that renders examples), everything else from the indexer's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from gradindex import __version__
 from gradindex.indexer.admin import index_info, list_indexes
-from gradindex.indexer.errors import ConfigError, TaskError
+from gradindex.indexer.errors import ConfigError, ExampleNotFound, StorageError, TaskError
 from gradindex.indexer.examples import Hit
 from gradindex.indexer.predict import NONE, Prediction
+from gradindex.indexer.reader import Index
+from gradindex.indexer.store import IndexVersion, connect
 
 from .auth import AdminKey, ReadKey
-from .errors import ClientGone, IndexUnavailable, LimitExceeded
+from .errors import (
+    OUTAGE_RETRY_AFTER_S,
+    ClientGone,
+    IndexUnavailable,
+    LimitExceeded,
+    is_outage,
+)
 from .indexes import IndexRegistry, Served
 from .predicted import (
     MAX_PREDICTED,
@@ -48,6 +59,7 @@ from .schemas import (
     InfluenceRequest,
     InfluenceResponse,
     InfluenceResult,
+    Readiness,
     ScoresRequest,
     ScoresResponse,
     SelectRequest,
@@ -132,6 +144,27 @@ def _check_examples(examples: Sequence[Any], settings: ServerSettings) -> None:
                           f"request, got {len(examples)}; split the request")
 
 
+def _retired(index: Index) -> bool:
+    """Whether ``index``'s version was dropped from the database (beyond retention)."""
+    with Session(index.engine) as session:
+        return session.get(IndexVersion, index.version_id) is None
+
+
+async def _unless_replaced(served: Served, registry: IndexRegistry) -> None:
+    """Raise 503 if ``served``'s version was retired (its rows dropped) while a request read
+    it: an empty or missing answer is then the rows already gone, never the truth about the
+    index. The next request opens the current version. A version replaced but still retained
+    answers for itself, as every reader of it does until it reloads.
+
+    Raises:
+        IndexUnavailable: the version was retired (retry).
+    """
+    if await run_in_threadpool(_retired, served.index):
+        registry.expire(served.index.name)
+        raise IndexUnavailable(f"index {served.index.name!r} version {served.index.version} was "
+                               "retired while this request read it; retry")
+
+
 def _check_budget(hits: int, settings: ServerSettings, what: str) -> None:
     """Refuse (413) a request whose response would hold more than ``max_results`` hits."""
     if hits > settings.max_results:
@@ -211,6 +244,36 @@ async def whoami(key: ReadKey, settings: SettingsDep) -> Whoami:
     return Whoami(scope="read", auth=True, key=key.name or None)
 
 
+READY_TIMEOUT_S = 3.0
+"""How long the readiness probe waits for the database."""
+
+
+def _ping(registry: IndexRegistry) -> None:
+    with connect(registry.storage).connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@health_router.get("/v1/health/ready", response_model=Readiness,
+                   responses={503: {"model": Readiness, "description": "Not ready"}})
+async def ready(registry: Registry, response: Response) -> Readiness:
+    """Readiness: the database answers (else 503 with `Retry-After`), and each index's state.
+    ``/v1/health`` is liveness: the process answers."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_ping, registry), READY_TIMEOUT_S)
+        database: Literal["ok", "unavailable"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure to answer means: not ready
+        if not (is_outage(exc) or isinstance(exc, TimeoutError | StorageError)):
+            raise
+        database = "unavailable"
+        response.status_code = 503
+        response.headers["Retry-After"] = str(OUTAGE_RETRY_AFTER_S)
+    indexes: dict[str, Literal["serving", "unavailable"]] = {
+        name: "serving" for name in registry.served}
+    indexes.update({name: "unavailable" for name in registry.refused()})
+    return Readiness(status="ready" if database == "ok" else "unavailable",
+                     database=database, indexes=dict(sorted(indexes.items())))
+
+
 # ------------------------------------------------------------------ indexes
 
 
@@ -219,6 +282,7 @@ async def get_indexes(_key: ReadKey, registry: Registry) -> IndexList:
     """Every index, with its current version and whether this server serves it."""
     rows = await run_in_threadpool(list_indexes, registry.storage)
     registry.sync({r["name"] for r in rows})
+    rows = [r for r in rows if registry.serves(r["name"])]
     return IndexList(indexes=[IndexSummary(**_summary(r, registry)) for r in rows])
 
 
@@ -306,7 +370,8 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
 async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
-                 settings: SettingsDep, request: Request) -> ScoresResponse:
+                 settings: SettingsDep, request: Request, registry: Registry
+                 ) -> ScoresResponse:
     """Exact scores ``[example][id]`` against the given (or every live) training id."""
     _check_examples(body.examples, settings)
     if body.ids is not None and len(body.ids) > settings.max_ids:
@@ -323,7 +388,13 @@ async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
         live = await run_in_threadpool(served.index.examples.live_ids, body.ids)
         wanted_ids = [i for i in body.ids if i in live]
         missing = [i for i in body.ids if i not in live]
-    ids, matrix = await run_in_threadpool(served.index.scores, q, wanted_ids)
+    try:
+        ids, matrix = await run_in_threadpool(served.index.scores, q, wanted_ids)
+    except ExampleNotFound:
+        await _unless_replaced(served, registry)
+        raise
+    if not ids:
+        await _unless_replaced(served, registry)
     if not np.isfinite(matrix).all():
         _finite(float("inf"))
     return ScoresResponse(index=served.index.name, version=served.index.version, ids=ids,
@@ -366,7 +437,7 @@ FilterParam = Annotated[str | None, Query(description=FILTER_PARAM, max_length=1
 
 @router.get("/{name}/self-influence", response_model=SelfInfluencePage)
 async def self_influence(
-    _key: ReadKey, served: IndexDep,
+    _key: ReadKey, served: IndexDep, registry: Registry,
     limit: Annotated[int, Query(ge=1, le=1000, description="Examples per page.")] = 100,
     offset: Annotated[int, Query(ge=0, le=2**62, description="Examples to skip.")] = 0,
     ascending: Annotated[bool, Query(description="Lowest self-influence first.")] = False,
@@ -394,6 +465,8 @@ async def self_influence(
         return hits, total
 
     hits, total = await run_in_threadpool(page)
+    if not hits:
+        await _unless_replaced(served, registry)
     return SelfInfluencePage(
         index=index.name, version=index.version, limit=limit, offset=offset,
         next_offset=offset + limit if offset + len(hits) < total else None,
@@ -452,16 +525,24 @@ ExampleId = Annotated[str, Path(description="The example's id.", max_length=512)
 
 
 @router.get("/{name}/examples/{example_id:path}", response_model=TrainingExample)
-async def get_example(_key: ReadKey, served: IndexDep, example_id: ExampleId
-                      ) -> TrainingExample:
+async def get_example(_key: ReadKey, served: IndexDep, example_id: ExampleId,
+                      registry: Registry) -> TrainingExample:
     """One live training example."""
-    return _training(await run_in_threadpool(served.index.example, example_id))
+    try:
+        return _training(await run_in_threadpool(served.index.example, example_id))
+    except ExampleNotFound:
+        await _unless_replaced(served, registry)
+        raise
 
 
 @router.delete("/{name}/examples/{example_id:path}", response_model=DeleteResult)
-async def delete_example(_key: AdminKey, served: IndexDep, example_id: ExampleId
-                         ) -> DeleteResult:
+async def delete_example(_key: AdminKey, served: IndexDep, example_id: ExampleId,
+                         registry: Registry) -> DeleteResult:
     """Remove a training example from every result, for good (needs an admin key)."""
-    hit = await run_in_threadpool(served.index.delete, example_id)
+    try:
+        hit = await run_in_threadpool(served.index.delete, example_id)
+    except ExampleNotFound:
+        await _unless_replaced(served, registry)
+        raise
     return DeleteResult(deleted=_training(hit))
 

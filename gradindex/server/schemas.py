@@ -19,6 +19,7 @@ __all__ = [
     "IndexDetail",
     "IndexList",
     "IndexSummary",
+    "Readiness",
     "InfluenceRequest",
     "InfluenceResponse",
     "InfluenceResult",
@@ -277,6 +278,16 @@ class Whoami(BaseModel):
                     "everything is allowed).")
     auth: bool = Field(description="Whether the server requires keys.")
     key: str | None = Field(None, description="The key's name (never its secret).")
+
+
+class Readiness(BaseModel):
+    """Whether the server can serve now (``/v1/health/ready``): its database answers; and the
+    state of each index it knows."""
+
+    status: Literal["ready", "unavailable"]
+    database: Literal["ok", "unavailable"]
+    indexes: dict[str, Literal["serving", "unavailable"]] = Field(
+        description="Each index this server has opened or refused, by name.")
 
 
 class ErrorBody(BaseModel):

@@ -32,7 +32,9 @@ class ServerSettings(Settings):
     Auth: with ``auth=on`` (the default) every ``/v1`` request needs an API key
     (``gradindex keys create``). ``auth=off`` is accepted only when the server listens on
     loopback, and must be set explicitly; a server that listens beyond loopback always
-    requires keys. ``/v1/health``, ``/metrics``, ``/docs`` and the page at ``/`` stay open.
+    requires keys. ``/v1/health``, ``/v1/health/ready``, ``/docs`` and the page at ``/`` stay
+    open, and ``/metrics`` too unless ``metrics_key`` is set. A keyless server answers loopback
+    ``Host`` names only (``allowed_hosts``).
     """
 
     host: str = Field(default="127.0.0.1", description="Address to listen on.")

@@ -1,0 +1,72 @@
+"""How ``gradindex serve`` runs the app: uvicorn with the connection limits of the settings.
+
+Uvicorn times out idle keep-alive connections, caps connections and requests at once
+(``limit_concurrency``: beyond it, 503) and the size of a request's headers; it has no timeout
+for a client that trickles its headers a byte at a time (slowloris), so
+:func:`header_timeout_protocol` adds one: a connection that has not sent a whole request line
+and headers within ``header_timeout_s`` of being opened (or of its previous response) is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .settings import ServerSettings
+
+__all__ = ["header_timeout_protocol", "uvicorn_options"]
+
+
+def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """Uvicorn's h11 protocol, closing connections whose headers take over ``seconds``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _waiting_for_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if self._waiting_for_headers() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self._waiting_for_headers():
+                self._disarm()  # a whole request line and headers arrived
+
+        def on_response_complete(self) -> None:
+            self._arm()  # the next request's headers are due within the timeout too
+            super().on_response_complete()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """The keyword arguments of ``uvicorn.run`` that bound connections (see the settings)."""
+    return {
+        "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "limit_concurrency": settings.limit_concurrency,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "http": header_timeout_protocol(settings.header_timeout_s),
+        "server_header": False,
+    }
