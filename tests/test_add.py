@@ -101,8 +101,10 @@ def test_add_equals_a_rebuild_under_the_same_preconditioner(settings: Settings, 
     assert [r.position for r in rows] == list(range(total))
     assert [r.external_id for r in rows if r.deleted] == [gone]  # deletes and adds compose
     assert len({r.external_id for r in rows}) == total
-    hits = open_index("grow", settings).search(np.asarray(v2[:1]), total)[0]
-    assert gone not in {h.external_id for h in hits} and len(hits) == total - 1
+    grown = open_index("grow", settings)
+    found = {h.external_id for d in ("proponents", "opponents")
+             for h in grown.search(np.asarray(v2[:1]), total, direction=d)[0]}
+    assert gone not in found and len(found) == total - 1  # every live example, old and new
 
     # nothing new: no new version
     again = add(settings, "grow", spec(part, total))
