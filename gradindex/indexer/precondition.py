@@ -86,8 +86,9 @@ def fisher_window_rows(
     dim]`` of the window's ``members`` (``[W]`` bool), and for each example outside the Fisher
     subset its raw gradient: the subset's sampled or expected Fisher, completed by the others'
     empirical one, so the estimate spans every training gradient (a subset alone left the
-    others' directions to the damping: digits MLP LDS 0.73 against 0.79 at 800 of 1,000
-    examples) and equals the full one when the subset is everything.
+    others' directions to the damping: digits MLP LDS 0.73 against 0.76 at 800 of 1,000
+    examples, digits logistic regression 0.74 against 0.80 at 50) and equals the full one when
+    the subset is everything.
     """
     if fisher is None:
         return raw
