@@ -48,12 +48,18 @@ from _fidelity_data import (  # noqa: E402
 
 from gradindex import CompressionConfig, Featurizer, InMemoryIndex, PreconditionerConfig, Task, lds
 from gradindex.indexer.evaluate import topk_overlap
+from gradindex.indexer.tasks import (
+    ArrayClassificationTask,
+    load_digits_split,
+    make_digits_model,
+    train_classifier,
+)
 
 log = logging.getLogger("fidelity")
 
 HERE = Path(__file__).resolve().parent
 SCORING_CODE = (
-    "compress.py", "featurize.py", "hooks.py", "influence.py", "masks.py",
+    "compress.py", "featurize.py", "fisher.py", "hooks.py", "influence.py", "masks.py",
     "precondition.py", "task.py", "exact.py", "tasks/classification.py", "tasks/digits.py",
 )
 """Indexer modules whose code determines a row's scores: a change to any re-measures the row.
@@ -103,6 +109,8 @@ class Method:
     preconditioning: PreconditionerConfig = field(default_factory=PreconditionerConfig)
     ensemble: bool = False
     dampings: tuple[float, ...] = ()
+    wrap: str = ""
+    """``no-logits``: the benchmark's task without ``logits`` (only ``loss(sample=True)``)."""
 
     def all_dampings(self) -> list[float]:
         """The configured damping first, then the further ones (none for ``identity``)."""
@@ -114,7 +122,7 @@ class Method:
 
 def index_method(
     axis: str, base: Method, label: str = "", *, dampings: Sequence[float] = (),
-    ensemble: bool = False, **changes: Any,
+    ensemble: bool = False, wrap: str = "", **changes: Any,
 ) -> Method:
     """``base`` with some compression or preconditioning fields changed."""
     cfields = {f.name for f in dataclasses.fields(CompressionConfig)}
@@ -129,7 +137,7 @@ def index_method(
     ccfg = CompressionConfig.from_json(compression)
     pcfg = PreconditionerConfig(**{**base.preconditioning.to_json(), **pc})
     return Method(label=label or describe(ccfg, pcfg), axis=axis, compression=ccfg,
-                  preconditioning=pcfg, ensemble=ensemble, dampings=tuple(dampings))
+                  preconditioning=pcfg, ensemble=ensemble, dampings=tuple(dampings), wrap=wrap)
 
 
 def describe(cc: CompressionConfig, pc: PreconditionerConfig) -> str:
@@ -140,8 +148,10 @@ def describe(cc: CompressionConfig, pc: PreconditionerConfig) -> str:
         masks += f" (expand {cc.sjlt_expand})"
     if pc.shape == "identity":
         return f"dot product ({cc.compressor} {size}{masks})"
-    fisher = f"sampled×{pc.samples}" if pc.fisher == "sampled" else pc.fisher
-    return f"{cc.compressor} {size}{masks}, {fisher}, {pc.shape}"
+    fisher = f"sampled×{pc.samples}" if pc.fisher == "sampled" and pc.samples else pc.fisher
+    budget = "" if pc.fisher == "empirical" else (
+        ", all rows" if pc.fisher_budget is None else f", {pc.fisher_budget} rows")
+    return f"{cc.compressor} {size}{masks}, {fisher}{budget}, {pc.shape}"
 
 
 DAMPINGS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -241,6 +251,74 @@ def mnist_methods(quick: bool, stretch: bool) -> list[Method]:
     return methods
 
 
+OLD_DEFAULTS = {"fisher": "empirical", "fisher_budget": None}
+"""The Fisher defaults before ``auto``: empirical, on every example."""
+BUDGETS = (1024, 2048, 4096, 8192, 16384, None)
+"""Fisher row budgets of the fidelity-against-budget curve (None: every example)."""
+
+
+def fisher_methods(name: str) -> list[Method]:
+    """The new defaults side by side with the old ones and the Gaussian baseline, the digits
+    task without ``logits``, and fidelity against the Fisher budget."""
+    base = Method("default", "defaults")
+    one = {"masks": 1}
+    gaussian = {"compressor": "gaussian", "batch_size": GAUSSIAN_BATCH, "dim": BUDGET, **one}
+    extra = (0.3,)
+    if name == "mnist-mlp":
+        return [
+            Method("random scores", "reference", kind="random"),
+            index_method("defaults", base, "new defaults", ensemble=True, dampings=extra),
+            index_method("defaults", base, "old defaults (empirical, every example)",
+                         ensemble=True, dampings=extra, **OLD_DEFAULTS),
+            index_method("defaults", base, "new defaults, dropout-sjlt k=4096 ×1",
+                         ensemble=True, dampings=extra, compressor="dropout-sjlt", dim=BUDGET,
+                         **one),
+            index_method("defaults", base, dampings=extra, **gaussian),
+            *[index_method("budget", base, dampings=extra, fisher_budget=b)
+              for b in (2048, 4096, 16384)],
+        ]
+    methods = [
+        Method("exact influence", "reference", kind="exact"),
+        Method("random scores", "reference", kind="random"),
+        index_method("defaults", base, "new defaults", dampings=DAMPINGS),
+        index_method("defaults", base, "old defaults (empirical, every example)",
+                     dampings=extra, **OLD_DEFAULTS),
+        index_method("defaults", base, dampings=extra, **{**gaussian, "dim": None,
+                                                          "keep": 0.25}),
+    ]
+    if name == "digits-logreg":
+        methods.append(index_method("defaults", base, "new defaults", dampings=DAMPINGS,
+                                    wrap="no-logits"))
+        methods += [index_method("budget", base, dampings=extra, fisher_budget=b,
+                                 wrap="no-logits") for b in BUDGETS]
+    methods += [index_method("budget", base, dampings=extra, fisher_budget=b) for b in BUDGETS]
+    return methods
+
+
+class WithoutLogits:
+    """A benchmark task with every method but ``logits``: what ``auto`` makes of a task that
+    only samples targets in its loss."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def model(self, checkpoint: str | None = None) -> torch.nn.Module:
+        return self.inner.model(checkpoint)
+
+    def checkpoints(self) -> list[str]:
+        return list(self.inner.checkpoints())
+
+    def examples(self) -> Any:
+        return self.inner.examples()
+
+    def collate(self, payloads: list[dict[str, Any]]) -> Any:
+        return self.inner.collate(payloads)
+
+    def loss(self, model: torch.nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        losses: torch.Tensor = self.inner.loss(model, batch, sample=sample)
+        return losses
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -254,6 +332,7 @@ class TimedFeaturizer(Featurizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._depth = 0
         self.shared_seconds = 0.0
+        self.fisher_seconds = 0.0
         start = time.perf_counter()
         super().__init__(*args, **kwargs)
         self.seconds = time.perf_counter() - start
@@ -288,19 +367,24 @@ class TimedFeaturizer(Featurizer):
     def fisher(
         self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1
     ) -> torch.Tensor:
-        return self._timed(super().fisher, payloads, kind, samples)
+        before = self.seconds
+        try:
+            return self._timed(super().fisher, payloads, kind, samples)
+        finally:
+            self.fisher_seconds += self.seconds - before
 
 
 def fit_timed(
     task: Task, compression: CompressionConfig, preconditioning: PreconditionerConfig,
     train: Sequence[dict[str, Any]],
-) -> tuple[InMemoryIndex, float, float, float]:
+) -> tuple[InMemoryIndex, float, float, float, float]:
     """Build an in-memory index.
 
     Returns:
         The index; featurize seconds (model passes for the vectors and the Fisher rows), the
-        part of them every checkpoint shares (collating payloads), and finalize seconds (Fisher
-        accumulation, factorization, preconditioning).
+        part of them every checkpoint shares (collating payloads), finalize seconds (Fisher
+        accumulation, factorization, preconditioning), and the Fisher rows' seconds (part of
+        the featurize seconds).
     """
     start = time.perf_counter()
     feat = TimedFeaturizer(task, compression, device="cpu")
@@ -308,7 +392,7 @@ def fit_timed(
     index = InMemoryIndex.fit(task, compression, preconditioning, examples=examples,
                               featurizer=feat)
     total = time.perf_counter() - start
-    return index, feat.seconds, feat.shared_seconds, total - feat.seconds
+    return index, feat.seconds, feat.shared_seconds, total - feat.seconds, feat.fisher_seconds
 
 
 def checkpoint_scores(index: InMemoryIndex, query_raw: torch.Tensor) -> np.ndarray:
@@ -331,16 +415,18 @@ def checkpoint_scores(index: InMemoryIndex, query_raw: torch.Tensor) -> np.ndarr
 def attribute(bench: Benchmark, method: Method, cache: Cache, refresh: bool) -> dict[str, Any]:
     """Per-checkpoint scores ``[D, C, Q, N]`` (one per damping) and the costs, cached."""
     key = {
-        "bench": bench.key(), "compression": method.compression.to_json(),
+        "bench": bench.key(), "compression": method.compression.to_json(), "wrap": method.wrap,
         "preconditioning": method.preconditioning.to_json(), "ensemble": method.ensemble,
         "dampings": method.all_dampings(), "code": scoring_fingerprint(),
         "queries": len(bench.queries),
     }
 
     def build() -> dict[str, np.ndarray]:
-        task = bench.task if method.ensemble else bench.single
+        task: Any = bench.task if method.ensemble else bench.single
+        if method.wrap == "no-logits":
+            task = WithoutLogits(task)
         log.info("%s: featurizing %s", bench.name, method.label)
-        index, featurize_s, shared_s, finalize_s = fit_timed(
+        index, featurize_s, shared_s, finalize_s, fisher_s = fit_timed(
             task, method.compression, method.preconditioning, bench.train)
         feat = index.featurizer
         query_raw = torch.cat([
@@ -357,6 +443,8 @@ def attribute(bench: Benchmark, method: Method, cache: Cache, refresh: bool) -> 
             "featurize_s": np.array(featurize_s),
             "shared_s": np.array(shared_s),
             "finalize_s": np.array(finalize_s),
+            "fisher_s": np.array(fisher_s),
+            "fisher_plan": np.array(index.fisher_plan.describe() if index.fisher_plan else ""),
             "dim": np.array(feat.dim),
             "checkpoints": np.array(len(feat.checkpoints)),
             "keep": np.array(feat.keep),
@@ -414,6 +502,8 @@ def run_benchmark(
                     "keep": float(result["keep"]),
                     "featurize_s": featurize_s,
                     "finalize_s": float(result["finalize_s"]) * c / total_c,
+                    "fisher_s": float(result.get("fisher_s", 0.0)) * c / total_c,
+                    "fisher_plan": str(result.get("fisher_plan", "")),
                     "examples_per_s": n / featurize_s,
                     "cached": bool(result["cached"]),
                     "swept": d > 0,
@@ -434,6 +524,8 @@ def _row(bench: Benchmark, method: Method) -> dict[str, Any]:
         "shape": pc.shape if index else None, "fisher": pc.fisher if index else None,
         "samples": pc.samples if index else None, "damping": pc.damping if index else None,
         "checkpoints": 1, "storage": None, "featurize_s": None, "finalize_s": None,
+        "fisher_s": None, "fisher_budget": pc.fisher_budget if index else None,
+        "wrap": method.wrap,
         "examples_per_s": None, "cached": False, "swept": False,
         "default": index and _is_default(cc, pc),
     }
@@ -442,6 +534,76 @@ def _row(bench: Benchmark, method: Method) -> dict[str, Any]:
 def _is_default(cc: CompressionConfig, pc: PreconditionerConfig) -> bool:
     return (dataclasses.replace(cc, batch_size=CompressionConfig().batch_size)
             == CompressionConfig() and pc == PreconditionerConfig())
+
+
+# ----------------------------------------------------------------------------- mislabels
+
+FLIP = 0.1
+"""Fraction of the digits training labels flipped for mislabel detection."""
+TOPS = (0.05, 0.1, 0.2)
+
+
+def mislabel_detection(kind: str, cache: Cache) -> dict[str, Any]:
+    """Flip 10% of the 1,000 digits training labels (seed 0) to another class, retrain the
+    ``kind`` model on them, and rank the training examples by each score: the fraction of the
+    flipped ones found in the top 5%, 10% and 20%."""
+    x, y, _, _ = load_digits_split(1000, seed=0)
+    rng = np.random.default_rng(0)
+    n = len(y)
+    flipped = rng.choice(n, int(FLIP * n), replace=False)
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + rng.integers(1, 10, len(flipped))) % 10
+
+    def train() -> torch.nn.Module:
+        net = make_digits_model(kind, 32, seed=0)
+        with one_thread():
+            return train_classifier(net, x, noisy, weight_decay=1e-3)
+
+    state = cache.state_dict(f"mislabel-{kind}", {"model": kind, "flip": FLIP, "seed": 0}, train)
+    net = make_digits_model(kind, 32, seed=0)
+    net.load_state_dict(state)
+    net.eval()
+    task = ArrayClassificationTask(net, x, noisy, n_classes=10)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(
+            net(torch.tensor(x)), torch.tensor(noisy), reduction="none").numpy()
+    rankings: dict[str, np.ndarray] = {"random": rng.random(n), "trained model's loss": loss}
+    seconds: dict[str, float] = {}
+    configs = (
+        ("new defaults (auto: expected, 8192 rows)", PreconditionerConfig()),
+        ("empirical (old default)", PreconditionerConfig(fisher="empirical", fisher_budget=None)),
+        ("sampled, 8192 rows", PreconditionerConfig(fisher="sampled")),
+        ("expected, every example", PreconditionerConfig(fisher="expected", fisher_budget=None)),
+    )
+    for label, pcfg in configs:
+        start = time.perf_counter()
+        with one_thread():
+            index = InMemoryIndex.fit(task, CompressionConfig(), pcfg, device="cpu")
+        seconds[label] = time.perf_counter() - start
+        si = index.self_influence.double().numpy()
+        norm = (index.raw.double() ** 2).sum(dim=1).numpy() / index.featurizer.groups
+        rankings[f"{label}: self-influence"] = si
+        rankings[f"{label}: relative self-influence"] = si / np.maximum(norm, 1e-30)
+    is_flipped = np.zeros(n, dtype=bool)
+    is_flipped[flipped] = True
+    found = {}
+    for label, score in rankings.items():
+        order = np.argsort(-score, kind="stable")
+        found[label] = {f"{top:g}": float(is_flipped[order[: int(top * n)]].sum() / len(flipped))
+                        for top in TOPS}
+    return {"model": kind, "examples": n, "flipped": len(flipped), "found": found,
+            "seconds": seconds}
+
+
+def mislabel_table(results: Sequence[dict[str, Any]]) -> str:
+    """Fraction of the flipped examples in the top 5/10/20% of each ranking, per model."""
+    head = " | ".join(f"{r['model']} top {int(t * 100)}%" for r in results for t in TOPS)
+    out = ["### Mislabel detection (digits, 10% of labels flipped)\n",
+           f"| ranking | {head} |", "|---|" + "---|" * (len(results) * len(TOPS))]
+    for label in results[0]["found"]:
+        cells = " | ".join(f"{r['found'][label][f'{t:g}']:.2f}" for r in results for t in TOPS)
+        out.append(f"| {label} | {cells} |")
+    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- reports
@@ -457,18 +619,23 @@ def markdown_tables(rows: Sequence[dict[str, Any]]) -> str:
     out = []
     for name in dict.fromkeys(r["benchmark"] for r in rows):
         out.append(f"### {name}\n")
-        out.append("| axis | method | λ | floats/ex/ckpt | ckpts | LDS ± s.e. | top-10 | "
-                   "featurize s | ex/s | finalize s |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| axis | method | λ | floats/ex/ckpt | ckpts | LDS ± s.e. | × exact | top-10 "
+                   "| featurize s | of which Fisher s | finalize s |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        exact = next((r["lds"] for r in rows if r["benchmark"] == name and r["kind"] == "exact"),
+                     None)
         for r in rows:
             if r["benchmark"] != name:
                 continue
             label = f"**{r['label']}** (default)" if r["default"] else r["label"]
+            if r.get("wrap"):
+                label += f" [task {r['wrap']}]"
+            ratio = _fmt(r["lds"] / exact, ".2f") if exact else "—"
             out.append(
                 f"| {r['axis']} | {label} | {_fmt(r['damping'], 'g')} | "
                 f"{_fmt(r['storage'], 'd')} | {r['checkpoints']} | "
-                f"{r['lds']:.3f} ± {r['lds_se']:.3f} | {_fmt(r['top10'], '.2f')} | "
-                f"{_fmt(r['featurize_s'], '.2f')} | {_fmt(r['examples_per_s'], '.0f')} | "
+                f"{r['lds']:.3f} ± {r['lds_se']:.3f} | {ratio} | {_fmt(r['top10'], '.2f')} | "
+                f"{_fmt(r['featurize_s'], '.2f')} | {_fmt(r.get('fisher_s'), '.2f')} | "
                 f"{_fmt(r['finalize_s'], '.2f')} |"
             )
         out.append("")
@@ -639,6 +806,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="also MNIST ensembles beyond the default budget")
     parser.add_argument("--only", nargs="*", default=[],
                         help="benchmarks to run: digits-logreg digits-mlp mnist-mlp")
+    parser.add_argument("--fisher", action="store_true",
+                        help="the Fisher defaults against the old ones, and against the budget")
+    parser.add_argument("--mislabel", action="store_true",
+                        help="also mislabel detection by self-influence (digits, 10%% flipped)")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--no-cache", action="store_true")
@@ -658,11 +829,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench = build()
         log.info("%s ready in %.1fs", name, time.perf_counter() - t0)
         settings[name] = bench.settings
-        methods = (digits_methods(args.quick) if name.startswith("digits")
-                   else mnist_methods(args.quick, args.stretch))
+        if args.fisher:
+            methods = fisher_methods(name)
+        else:
+            methods = (digits_methods(args.quick) if name.startswith("digits")
+                       else mnist_methods(args.quick, args.stretch))
         rows += run_benchmark(bench, methods, cache, args.refresh)
         log.info("%s scored in %.1fs", name, time.perf_counter() - t0)
     tables = markdown_tables(rows)
+    if args.mislabel:
+        found = [mislabel_detection(kind, cache) for kind in ("logreg", "mlp")]
+        tables += "\n" + mislabel_table(found)
     print(tables)
     best = {name: best_at_budget(rows, name) for name in settings}
     for name, row in best.items():
@@ -681,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "defaults": {"compression": CompressionConfig().to_json(),
                      "preconditioning": PreconditionerConfig().to_json()},
     }
-    stem = "fidelity_quick" if args.quick else "fidelity"
+    stem = "fidelity_quick" if args.quick else ("fidelity_fisher" if args.fisher else "fidelity")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out / f"{stem}.md").write_text(tables)
     plots(rows, args.out, stem)

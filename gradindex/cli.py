@@ -43,7 +43,7 @@ from typer.core import TyperGroup
 
 from .indexer.config import CompressionConfig, PreconditionerConfig
 from .indexer.errors import ConfigError, GradindexError
-from .indexer.registry import COMPRESSORS, FAISS_KINDS, FISHER_KINDS, SHAPES
+from .indexer.registry import COMPRESSORS, FAISS_KINDS, FISHER_CHOICES, SHAPES
 
 if TYPE_CHECKING:
     from gradindex.server import ServerSettings
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 else:  # typer offers a Literal's values as the option's choices
     Compressor = Literal[tuple(COMPRESSORS)]
     Shape = Literal[tuple(SHAPES)]
-    Fisher = Literal[FISHER_KINDS]
+    Fisher = Literal[FISHER_CHOICES]
     FaissKind = Literal[FAISS_KINDS]
 
 __all__ = ["app", "check_listen", "demo_settings", "demo_url", "main", "parse_task_args"]
@@ -221,10 +221,16 @@ def build_cmd(
         help="Compressed size per mask (when --keep is unset).")] = _C.dim,
     masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = _C.masks,
     seed: Annotated[int, typer.Option(help="Seed of every mask.")] = _C.seed,
-    fisher: Annotated[Fisher, typer.Option(help="Which gradients estimate the Fisher.")
-                      ] = _P.fisher,
-    samples: Annotated[int, typer.Option(
+    fisher: Annotated[Fisher, typer.Option(
+        help="Which gradients estimate the Fisher; auto: expected if the task has logits, "
+             "else sampled if its loss samples, else empirical.")] = _P.fisher,
+    samples: Annotated[int | None, typer.Option(
+        show_default="as the budget allows",
         help="Targets per example (sampled Fisher).")] = _P.samples,
+    fisher_budget: Annotated[int | None, typer.Option(
+        help="Fisher rows (examples × classes or samples) of the sampled/expected Fisher, "
+             "from a seeded subset of the examples; 0: every example.")
+                             ] = _P.fisher_budget,
     shape: Annotated[Shape, typer.Option(help="Preconditioner shape.")] = _P.shape,
     damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = _P.damping,
     batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = _C.batch_size,
@@ -261,6 +267,7 @@ def build_cmd(
                                       masks=masks, seed=seed, batch_size=batch_size,
                                       modules=tuple(modules or ())),
         preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
+                                            fisher_budget=fisher_budget or None,
                                             damping=damping),
         faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), shard=i, shards=n,
         chunk_size=chunk_size, window=window,

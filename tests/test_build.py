@@ -199,7 +199,10 @@ def test_filter_delete_and_refinalize(
         fresh.example(top.external_id)
     assert not index.is_current() and fresh.is_current()
 
-    with pytest.raises(ConfigError, match="staged with the 'empirical' Fisher"):
+    # the default `auto` Fisher resolved to `expected` (the task defines logits); its rows are
+    # what was staged, so another kind needs a rebuild
+    assert fresh.manifest["preconditioner"]["fisher"] == "expected"
+    with pytest.raises(ConfigError, match="staged with the 'expected' Fisher"):
         refinalize(settings, "digits", fisher="sampled")
 
     full = InMemoryIndex.fit(store_task, featurizer.config, PreconditionerConfig(shape="full"),
@@ -253,12 +256,17 @@ def test_approximate_index_returns_exact_scores(
         assert isinstance(stored, faiss.IndexIVFPQ) and stored.code_size == codes
     ref = (queries @ reference.vectors.T).numpy()
     by_id = {i: n for n, i in enumerate(reference.ids)}
+    top1 = []
     for q, hits in enumerate(index.search(queries, K)):
         got = np.array([h.score for h in hits])
         exact = ref[q, [by_id[h.external_id] for h in hits]]
         np.testing.assert_allclose(got, exact, rtol=RTOL, atol=ATOL_REL * np.abs(ref[q]).max())
         assert np.all(np.diff(got) <= 1e-6)
-        assert hits[0].external_id == reference.ids[int(np.argmax(ref[q]))]
+        top1.append(hits[0].external_id == reference.ids[int(np.argmax(ref[q]))])
+    # flat search finds every query's best example; IVF probing 4 of its 7 lists may miss it
+    # (its recall is measured and stored in the manifest), but what it returns is exact
+    if kind == "flat":
+        assert all(top1), top1
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=False)

@@ -22,7 +22,7 @@ from gradindex.cli import app, check_listen, demo_settings, demo_url, parse_task
 from gradindex.indexer.build import BuildConfig
 from gradindex.indexer.demo import demo_weights
 from gradindex.indexer.errors import ConfigError
-from gradindex.indexer.registry import COMPRESSORS, FAISS_KINDS, FISHER_KINDS, SHAPES
+from gradindex.indexer.registry import COMPRESSORS, FAISS_KINDS, FISHER_CHOICES, SHAPES
 from gradindex.indexer.store import SCOPES, FaissConfig
 
 from .conftest import GRADINDEX, REPO, STORE_TASK, STORE_TASK_ARGS, storage_env
@@ -53,8 +53,9 @@ def test_build_list_info_refinalize_delete(settings: Settings) -> None:
     assert code == 0, out
     assert json.loads(invoke(settings, "info", "cli")[1])["manifest"]["preconditioner"][
         "damping"] == 0.3
-    code, out = invoke(settings, "refinalize", "cli", "--fisher", "expected")
-    assert code == 1 and "staged with the 'empirical' Fisher" in out and "Traceback" not in out
+    code, out = invoke(settings, "refinalize", "cli", "--fisher", "sampled")
+    # the default `auto` Fisher resolved to `expected`: the task defines logits
+    assert code == 1 and "staged with the 'expected' Fisher" in out and "Traceback" not in out
     code, out = invoke(settings, "delete", "cli")
     assert code == 0
     code, out = invoke(settings, "info", "cli")
@@ -219,7 +220,7 @@ def _options(help_text: str) -> dict[str, str]:
 
 
 CHOICES = {"--compressor": tuple(COMPRESSORS), "--shape": tuple(SHAPES),
-           "--fisher": FISHER_KINDS, "--faiss": FAISS_KINDS}
+           "--fisher": FISHER_CHOICES, "--faiss": FAISS_KINDS}
 FLAGS = {"--verbose", "--help", "--build-only", "--all", "--text"}
 """The options that are plain on/off switches (no value, no default to show)."""
 

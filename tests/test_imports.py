@@ -170,7 +170,7 @@ print("torch" in sys.modules)
         "`compressor` must be one of ['dropout', 'dropout-sjlt', 'factorized-dropout', "
         "'gaussian'], got 'pca'",
         "`shape` must be one of ['block', 'full', 'identity'], got 'x'",
-        "`fisher` must be one of ['empirical', 'expected', 'sampled'], got 'true'",
+        "`fisher` must be one of ['auto', 'empirical', 'expected', 'sampled'], got 'true'",
         "False",
     ]
 

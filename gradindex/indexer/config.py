@@ -12,9 +12,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .registry import COMPRESSORS, FISHER_KINDS, SHAPES, check_choice
+from .registry import COMPRESSORS, FISHER_CHOICES, SHAPES, check_choice
 
-__all__ = ["CompressionConfig", "PreconditionerConfig"]
+__all__ = [
+    "AUTO_MAX_CLASSES",
+    "DEFAULT_FISHER_BUDGET",
+    "MAX_SAMPLES",
+    "CompressionConfig",
+    "PreconditionerConfig",
+]
+
+AUTO_MAX_CLASSES = 1024
+"""``fisher="auto"`` picks ``expected`` up to this many classes: it costs one backward pass and
+stages one row per class, so a language model over a 50k vocabulary gets ``sampled``."""
+
+MAX_SAMPLES = 16
+"""The most targets per example a ``sampled`` Fisher draws to spend its budget on a small
+training set."""
+
+DEFAULT_FISHER_BUDGET = 8192
+"""Fisher rows of the default ``sampled``/``expected`` Fisher (bench/RESULTS.md: the curve of
+fidelity against budget)."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -113,12 +131,19 @@ class PreconditionerConfig:
     shape: str = "block"
     """Registered shape: `block` (one block per layer), `full`, or `identity` (plain dot)."""
 
-    fisher: str = "empirical"
+    fisher: str = "auto"
     """Which gradients estimate the Fisher: `empirical` (true targets), `sampled` (targets drawn
-    from the model), `expected` (exact expectation over classes; needs `task.logits`)."""
+    from the model), `expected` (exact expectation over classes; needs `task.logits`), or
+    `auto`: the most faithful the task offers (expected, else sampled, else empirical)."""
 
-    samples: int = 4
-    """`sampled` only: targets drawn per example."""
+    samples: int | None = None
+    """`sampled` only: targets drawn per example; None: as many as the budget allows on a
+    small training set (1 to `MAX_SAMPLES`), 4 without a budget."""
+
+    fisher_budget: int | None = DEFAULT_FISHER_BUDGET
+    """Fisher rows the `sampled`/`expected` Fisher is fitted on (examples × classes, or
+    examples × samples), from a seeded subset of the training examples; None fits every
+    example. The `empirical` Fisher always uses every example's gradient (no extra pass)."""
 
     damping: float = 0.1
     """λ as a multiple of the block's mean diagonal, tr(F̃)/k."""
@@ -128,10 +153,15 @@ class PreconditionerConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.shape, SHAPES, "shape")
-        check_choice(self.fisher, FISHER_KINDS, "fisher")
+        check_choice(self.fisher, FISHER_CHOICES, "fisher")
         _check(
-            isinstance(self.samples, int) and self.samples >= 1,
-            f"`samples` must be a positive integer, got {self.samples!r}",
+            self.samples is None or (isinstance(self.samples, int) and self.samples >= 1),
+            f"`samples` must be a positive integer or None, got {self.samples!r}",
+        )
+        _check(
+            self.fisher_budget is None
+            or (isinstance(self.fisher_budget, int) and self.fisher_budget >= 1),
+            f"`fisher_budget` must be a positive integer or None, got {self.fisher_budget!r}",
         )
         _check(
             isinstance(self.damping, int | float)

@@ -25,6 +25,11 @@ DEMO_TASK = "gradindex.indexer.tasks:DigitsTask"
 
 DEMO_HIDDEN = 32
 
+DEMO_FISHER_BUDGET = 800
+"""Fisher rows of the demo index: 80 of its 1,000 examples × 10 classes, completed by the
+others' gradients, so its staging (raw gradients and Fisher rows) stays under twice its
+published vectors; the default budget (8,192 rows) would stage 8× more rows than vectors."""
+
 
 def demo_weights(settings: Settings) -> Path:
     """Where the demo classifier's weights live: ``models/`` in the data directory."""
@@ -64,7 +69,7 @@ def prepare_demo(
         name=name,
         task=DEMO_TASK,
         task_args={"model": "mlp", "hidden": DEMO_HIDDEN, "weights": str(weights)},
-        preconditioner=PreconditionerConfig(fisher="expected"),
+        preconditioner=PreconditionerConfig(fisher_budget=DEMO_FISHER_BUDGET),
     )
     build(config, settings, progress=progress)
     return True

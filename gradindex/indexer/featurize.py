@@ -20,18 +20,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from .compress import COMPRESSORS, Compressor, Layer, describe_layers, is_linear, select_modules
-from .config import CompressionConfig
+from .config import CompressionConfig, PreconditionerConfig
 from .errors import NonFiniteLoss, TaskError
+from .fisher import FisherPlan, FisherSupport, plan_fisher
 from .hooks import LayerCapture
 from .task import Task, TaskAdapter
 
-__all__ = ["Block", "Featurizer", "featurize"]
+__all__ = ["Block", "Featurizer", "FisherBatcher", "batch_fisher_rows", "featurize"]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,24 @@ class Featurizer:
             return torch.cat(self._run(payloads, [_Pass(self._logits, heads)]))
         raise TaskError(f"unknown Fisher kind {kind!r}")
 
+    def plan_fisher(
+        self, config: PreconditionerConfig, payloads: Sequence[dict[str, Any]],
+        examples: int | None,
+    ) -> FisherPlan:
+        """Resolve ``config.fisher`` (``auto``) against the task, probed on ``payloads`` (a
+        few training examples), and spend its budget over ``examples`` training examples."""
+        if config.fisher == "empirical":
+            support = FisherSupport(classes=None, sampling=False)
+        else:
+            support = self.task.fisher_support(self.models[0], self.collate(payloads))
+        return plan_fisher(config, support, examples, self.config.seed)
+
+    def fisher_rows(self, payloads: Sequence[dict[str, Any]], plan: FisherPlan) -> torch.Tensor:
+        """Per example its Fisher rows under ``plan``, ``[B, R, dim]`` (R classes or samples)."""
+        rows = self.fisher(payloads, plan.kind, plan.samples or 1)
+        r = rows.shape[0] // len(payloads)
+        return rows.reshape(r, len(payloads), -1).transpose(0, 1)
+
     # ------------------------------------------------------------ objectives
 
     def _loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -433,6 +453,78 @@ class _Objective(nn.Module):
 
     def forward(self, batch: Any) -> torch.Tensor:
         return self.fn(self.model, batch)
+
+
+class FisherBatcher:
+    """Fisher rows of a bounded Fisher's subset, featurized in full batches of members.
+
+    The subset's members, in position order, are grouped ``batch_size`` at a time; a group is
+    featurized once its last member has been seen, by whoever owns that member (the shard whose
+    batch holds it, if that batch is not staged yet). The groups depend on the subset alone, so
+    the rows come out the same in one process, across shards and in a resumed build, and each
+    model pass is a full batch (members featurized batch by batch, a few at a time, cost 2-4×
+    as much: measured on the MNIST MLP).
+
+    Args:
+        featurizer: computes the rows.
+        plan: the Fisher plan; its ``members()`` must not be None (a subset).
+        claims: whether this process featurizes the group whose last member sits at a position.
+    """
+
+    def __init__(self, featurizer: Featurizer, plan: FisherPlan,
+                 claims: Callable[[int], bool] = lambda position: True) -> None:
+        members = plan.members()
+        if members is None:
+            raise ValueError("a FisherBatcher needs a Fisher subset")
+        self.featurizer = featurizer
+        self.plan = plan
+        self.members = members
+        self.order = np.flatnonzero(members)
+        self.batch_size = featurizer.config.batch_size
+        self.claims = claims
+        self.pending: list[tuple[int, dict[str, Any]]] = []
+        self.ready: list[tuple[list[int], np.ndarray]] = []
+
+    def last_of(self, position: int) -> int:
+        """The position of the last member of ``position``'s group."""
+        rank = int(np.searchsorted(self.order, position))
+        group_end = min((rank // self.batch_size + 1) * self.batch_size, len(self.order))
+        return int(self.order[group_end - 1])
+
+    def see(self, position: int, payload: dict[str, Any]) -> None:
+        """Every streamed example, in position order (every shard's): keeps the members of
+        groups this process featurizes, and featurizes a group at its last member."""
+        if position >= len(self.members) or not self.members[position]:
+            return
+        last = self.last_of(position)
+        if not self.claims(last):
+            return
+        self.pending.append((position, payload))
+        if position == last:
+            rows = self.featurizer.fisher_rows([p for _, p in self.pending], self.plan)
+            self.ready.append(([pos for pos, _ in self.pending], rows.numpy()))
+            self.pending = []
+
+    def take(self) -> tuple[np.ndarray, list[int]]:
+        """The rows ``[F, R, dim]`` of the groups completed since the last call, and their
+        positions."""
+        ready, self.ready = self.ready, []
+        if not ready:
+            empty = np.zeros((0, self.plan.rows_per_example, self.featurizer.dim),
+                             dtype=np.float32)
+            return empty, []
+        return (np.concatenate([rows for _, rows in ready]),
+                [pos for positions, _ in ready for pos in positions])
+
+
+def batch_fisher_rows(
+    featurizer: Featurizer, plan: FisherPlan, payloads: list[dict[str, Any]],
+) -> tuple[np.ndarray | None, int]:
+    """The Fisher rows ``[B, R, dim]`` of a batch whose every example is in the Fisher (no
+    subset); ``None`` for the ``empirical`` Fisher (its rows are the raw gradients)."""
+    if plan.kind == "empirical":
+        return None, 0
+    return featurizer.fisher_rows(payloads, plan).numpy(), len(payloads)
 
 
 def featurize(

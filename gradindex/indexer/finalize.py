@@ -36,7 +36,12 @@ from .config import PreconditionerConfig
 from .errors import ConfigError, GradindexError, IndexNotFound
 from .featurize import Block
 from .filters import MetadataSchema
-from .precondition import FisherAccumulator, Preconditioner, self_influence
+from .precondition import (
+    FisherAccumulator,
+    Preconditioner,
+    fisher_window_rows,
+    self_influence,
+)
 from .settings import Settings, check_name
 from .stage import staging_root
 from .staging import Staging, duplicate_error
@@ -87,18 +92,27 @@ def find_staging(settings: Settings, name: str) -> Staging:
     return Staging(root / key)
 
 
-def _check_fisher(name: str, info: dict[str, Any], pcfg: PreconditionerConfig) -> None:
-    """The Fisher kind (and samples) must be the staged one: its rows are what was staged."""
-    staged_kind = info["fisher"]["kind"]
-    if pcfg.fisher != staged_kind or (
-        staged_kind == "sampled" and pcfg.samples != info["fisher"]["samples"]
+def _staged_preconditioner(name: str, info: dict[str, Any],
+                           pcfg: PreconditionerConfig) -> PreconditionerConfig:
+    """``pcfg`` with the staged Fisher: its rows are what was staged, so the kind (``auto``
+    resolves to it) and the samples must be the staged ones; the budget is the staged one.
+
+    Raises:
+        ConfigError: another kind, or other samples, were asked for.
+    """
+    staged = info["fisher"]
+    staged_kind = staged["kind"]
+    if pcfg.fisher not in ("auto", staged_kind) or (
+        staged_kind == "sampled" and pcfg.samples not in (None, staged["samples"])
     ):
         raise ConfigError(
             f"index {name!r} was staged with the {staged_kind!r} Fisher"
-            + (f" ({info['fisher']['samples']} samples)" if staged_kind == "sampled" else "")
+            + (f" ({staged['samples']} samples)" if staged_kind == "sampled" else "")
             + f", not {pcfg.fisher!r}; `refinalize` can change --damping and --shape only. "
             f"Rebuild with `gradindex build ... --fisher {pcfg.fisher}` for another Fisher."
         )
+    return replace(pcfg, fisher=staged_kind, samples=staged.get("samples"),
+                   fisher_budget=staged.get("budget"))
 
 
 class Finalizer:
@@ -199,7 +213,7 @@ class Finalizer:
             acc = FisherAccumulator(blocks, pcfg.shape)
             if acc.ranges:
                 for w in self.staging.windows(self.window):
-                    rows = w.raw if w.fisher is None else w.fisher.reshape(-1, self.dim)
+                    rows = fisher_window_rows(w.raw, w.fisher, w.fisher_members())
                     acc.update(torch.from_numpy(rows), w.stop - w.start)
                     self._report("fisher", w.stop)
             else:
@@ -303,6 +317,7 @@ class Finalizer:
             "blocks": info["blocks"],
             "model_fingerprint": info["model_fingerprint"],
             "preconditioner": {**self.preconditioner.to_json(), "lambdas": precond.lambdas},
+            "fisher": info["fisher"],
             **faiss,
             "count": self.total,
             "dim": self.dim,
@@ -380,7 +395,7 @@ def finalize(
     pcfg = preconditioner or PreconditionerConfig.from_json(requested.get("preconditioner", {}))
     fcfg = faiss or FaissConfig.from_json(requested.get("faiss", {}))
     window = window or int(requested.get("window", 4096))
-    _check_fisher(name, info, pcfg)
+    pcfg = _staged_preconditioner(name, info, pcfg)
     started = time.perf_counter()
     with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of index {name!r}"):
         staging.discard_unrecorded()  # the chunks of an add killed before it recorded them

@@ -9,13 +9,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .config import CompressionConfig, PreconditionerConfig
-from .featurize import Featurizer
-from .precondition import FisherAccumulator, Preconditioner, self_influence
+from .featurize import Featurizer, FisherBatcher, batch_fisher_rows
+from .fisher import FisherPlan
+from .precondition import (
+    FisherAccumulator,
+    Preconditioner,
+    fisher_window_rows,
+    self_influence,
+)
 from .task import Task
 
 __all__ = ["InMemoryIndex", "Progress"]
@@ -47,6 +55,8 @@ class InMemoryIndex:
         self.precondition_config = precondition_config
         self.vectors = preconditioner.apply(raw)
         self.self_influence = self_influence(raw / featurizer.groups, self.vectors)
+        self.fisher_plan: FisherPlan | None = None
+        """The Fisher :meth:`fit` resolved and fitted (kind, subset, rows)."""
 
     @classmethod
     def fit(
@@ -74,6 +84,12 @@ class InMemoryIndex:
         feat = featurizer or Featurizer(task, compression, device=device)
         pairs = list(examples if examples is not None else task.examples())
         bs = feat.config.batch_size
+        plan = feat.plan_fisher(pcfg, [p for _, p in pairs[:bs]], len(pairs))
+        if pcfg.shape == "identity":
+            plan = replace(plan, kind="empirical")  # no Fisher to fit
+        log.info("%s", plan.describe())
+        members = plan.members()
+        batcher = FisherBatcher(feat, plan) if members is not None else None
         acc = FisherAccumulator(feat.blocks, pcfg.shape)
         chunks = []
         start = time.perf_counter()
@@ -82,20 +98,32 @@ class InMemoryIndex:
             raw = feat.raw(payloads)
             chunks.append(raw)
             if pcfg.shape != "identity":
-                rows = raw if pcfg.fisher == "empirical" else feat.fisher(
-                    payloads, pcfg.fisher, pcfg.samples)
-                acc.update(rows, len(payloads))
+                if batcher is not None:
+                    for i, payload in enumerate(payloads):
+                        batcher.see(lo + i, payload)
+                    fisher: np.ndarray | None = batcher.take()[0]
+                else:
+                    fisher = batch_fisher_rows(feat, plan, payloads)[0]
+                inside = (members[lo : lo + len(payloads)] if members is not None
+                          else np.ones(len(payloads), dtype=bool))
+                rows = fisher_window_rows(raw.numpy(), fisher, inside)
+                acc.update(torch.from_numpy(rows), len(payloads))
             if progress is not None:
                 progress(min(lo + bs, len(pairs)), len(pairs))
         log.info("featurized %d examples in %.1fs", len(pairs), time.perf_counter() - start)
         precond = acc.finalize(pcfg.damping)
-        return cls(feat, precond, torch.cat(chunks), [i for i, _ in pairs], pcfg)
+        resolved = replace(pcfg, fisher=plan.kind, samples=plan.samples)
+        index = cls(feat, precond, torch.cat(chunks), [i for i, _ in pairs], resolved)
+        index.fisher_plan = plan
+        return index
 
     def with_damping(self, damping: float) -> InMemoryIndex:
         """The same index preconditioned with another damping, without any model pass."""
         cfg = PreconditionerConfig(**{**self.precondition_config.to_json(), "damping": damping})
-        return InMemoryIndex(self.featurizer, self.preconditioner.with_damping(damping),
-                             self.raw, self.ids, cfg)
+        index = InMemoryIndex(self.featurizer, self.preconditioner.with_damping(damping),
+                              self.raw, self.ids, cfg)
+        index.fisher_plan = self.fisher_plan
+        return index
 
     def queries(self, payloads: Sequence[dict[str, Any]]) -> torch.Tensor:
         """Query vectors ``[Q, dim]`` in batches of the featurizer's batch size."""

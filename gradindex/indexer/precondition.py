@@ -25,6 +25,7 @@ __all__ = [
     "FisherAccumulator",
     "Preconditioner",
     "Shape",
+    "fisher_window_rows",
     "register_shape",
     "self_influence",
 ]
@@ -74,6 +75,26 @@ class IdentityShape(Shape):
     @staticmethod
     def partition(blocks: Sequence[Block]) -> list[tuple[int, int]]:
         return []
+
+
+def fisher_window_rows(
+    raw: np.ndarray, fisher: np.ndarray | None, members: np.ndarray
+) -> np.ndarray:
+    """The Fisher rows ``[R', dim]`` that stand for a window of ``W`` examples.
+
+    ``empirical`` (``fisher`` None): the raw gradients. Otherwise the Fisher rows ``[F, R,
+    dim]`` of the window's ``members`` (``[W]`` bool), and for each example outside the Fisher
+    subset its raw gradient: the subset's sampled or expected Fisher, completed by the others'
+    empirical one, so the estimate spans every training gradient (a subset alone left the
+    others' directions to the damping: digits MLP LDS 0.73 against 0.76 at 800 of 1,000
+    examples, digits logistic regression 0.74 against 0.80 at 50) and equals the full one when
+    the subset is everything.
+    """
+    if fisher is None:
+        return raw
+    rows = fisher.reshape(-1, raw.shape[1])
+    rest = raw[~members]
+    return np.concatenate([rows, rest]) if len(rest) else rows
 
 
 class FisherAccumulator:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # for annotations only: those modules import torch
 __all__ = [
     "COMPRESSORS",
     "FAISS_KINDS",
+    "FISHER_CHOICES",
     "FISHER_KINDS",
     "SHAPES",
     "Registry",
@@ -36,6 +37,9 @@ S = TypeVar("S", bound="Shape")
 
 FISHER_KINDS = ("empirical", "sampled", "expected")
 """Which gradients estimate the Fisher; see :meth:`.featurize.Featurizer.fisher`."""
+
+FISHER_CHOICES = ("auto", *FISHER_KINDS)
+"""What a build may ask for: a kind, or ``auto`` (:func:`.fisher.resolve_kind`), the default."""
 
 FAISS_KINDS = ("flat", "hnsw", "ivf")
 """The FAISS indexes a build can publish; see :class:`.store.vectors.FaissConfig`."""

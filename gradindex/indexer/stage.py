@@ -11,12 +11,13 @@ example.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from sqlalchemy import Engine
 from .assets import task_identity
 from .build_config import NO_HOOKS, BuildConfig, BuildHooks, BuildProgressFn
 from .config import PreconditionerConfig
-from .errors import TaskError
-from .featurize import Featurizer
+from .errors import ConfigError, TaskError
+from .featurize import Featurizer, FisherBatcher, batch_fisher_rows
+from .fisher import FisherPlan
 from .settings import Settings
 from .staging import MAX_NAMED, ChunkWriter, Staging, duplicate_error
 from .store import connect, file_lock, record_progress
@@ -131,7 +133,10 @@ class StagedBatch:
     records: list[dict[str, Any]]
     """Per example ``{"id", "payload", "meta"}``."""
     fisher: np.ndarray | None
-    """``[B, R, dim]`` Fisher rows, for the ``sampled``/``expected`` Fisher."""
+    """``[F, R, dim]`` Fisher rows of the batch's examples in the Fisher subset, for the
+    ``sampled``/``expected`` Fisher."""
+    fisher_positions: list[int]
+    """Their positions (a subset of ``positions``)."""
 
 
 class BatchAccumulator:
@@ -139,13 +144,17 @@ class BatchAccumulator:
 
     Args:
         featurizer: computes the raw gradients (and Fisher rows) of a batch of payloads.
-        preconditioner: which Fisher rows to stage (none for ``empirical``: the raw gradients
-            are its rows).
+        plan: which Fisher rows to stage, and for which examples (none for ``empirical``: the
+            raw gradients are its rows).
+        fisher: featurizes a bounded Fisher's subset (None: every example of a batch has its
+            rows computed with it).
     """
 
-    def __init__(self, featurizer: Featurizer, preconditioner: PreconditionerConfig) -> None:
+    def __init__(self, featurizer: Featurizer, plan: FisherPlan,
+                 fisher: FisherBatcher | None = None) -> None:
         self.featurizer = featurizer
-        self.preconditioner = preconditioner
+        self.plan = plan
+        self.fisher = fisher
         self.batch_size = featurizer.config.batch_size
         self.pending: list[tuple[int, dict[str, Any]]] = []
 
@@ -158,16 +167,17 @@ class BatchAccumulator:
         """Featurize what is queued (a short last batch), if anything."""
         if not self.pending:
             return None
+        positions = [pos for pos, _ in self.pending]
         payloads = [rec["payload"] for _, rec in self.pending]
         raw = self.featurizer.raw(payloads).numpy()
-        fisher = None
-        pcfg = self.preconditioner
-        if pcfg.fisher != "empirical":
-            rows = self.featurizer.fisher(payloads, pcfg.fisher, pcfg.samples).numpy()
-            r = rows.shape[0] // len(payloads)
-            fisher = rows.reshape(r, len(payloads), -1).transpose(1, 0, 2)
-        batch = StagedBatch([pos for pos, _ in self.pending], raw,
-                            [rec for _, rec in self.pending], fisher)
+        fisher: np.ndarray | None
+        if self.fisher is not None:
+            fisher, fisher_positions = self.fisher.take()
+        else:
+            fisher, n = batch_fisher_rows(self.featurizer, self.plan, payloads)
+            fisher_positions = positions[:n]
+        batch = StagedBatch(positions, raw, [rec for _, rec in self.pending], fisher,
+                            fisher_positions)
         self.pending = []
         return batch
 
@@ -208,6 +218,7 @@ class ChunkFlusher:
         self.writer.write(
             [p for b in parts for p in b.positions], np.concatenate([b.raw for b in parts]),
             [r for b in parts for r in b.records], fisher,
+            [p for b in parts for p in b.fisher_positions] if fisher is not None else None,
         )
         self.batches = []
         self.chunks += 1
@@ -226,16 +237,16 @@ def staging_identity(info: dict[str, Any]) -> dict[str, Any]:
     return {**info, "task": task_identity(task) if "source" in task else task}
 
 
-def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> Staging:
+def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer,
+                  plan: FisherPlan) -> Staging:
     """The staging folder of these settings (created, or checked to match), with the build's
-    requested finalize settings recorded in its ``build.json``."""
-    pcfg = config.preconditioner
+    requested finalize settings, the Fisher resolved, recorded in its ``build.json``."""
+    pcfg = resolved_preconditioner(config, plan)
     task = config.task_spec.record(settings.data_dir)
     info = {
         "task": task,
         "compression": feat.config.to_json(),
-        "fisher": {"kind": pcfg.fisher, "samples": pcfg.samples if pcfg.fisher == "sampled"
-                   else None},
+        "fisher": plan.to_json(),
         "model_fingerprint": feat.fingerprint(),
         "layout": feat.describe(),
         "blocks": [vars(b) for b in feat.blocks],
@@ -247,6 +258,38 @@ def _open_staging(config: BuildConfig, settings: Settings, feat: Featurizer) -> 
     staging.save_finalize_settings(preconditioner=pcfg.to_json(), faiss=config.faiss.to_json(),
                                    window=config.window)
     return staging
+
+
+def resolved_preconditioner(config: BuildConfig, plan: FisherPlan) -> PreconditionerConfig:
+    """The build's preconditioner settings with ``auto`` and the samples resolved."""
+    return replace(config.preconditioner, fisher=plan.kind, samples=plan.samples)
+
+
+def _plan(config: BuildConfig, feat: Featurizer,
+          examples: Iterable[tuple[Any, Any]]) -> tuple[FisherPlan, Iterator[tuple[Any, Any]]]:
+    """Resolve the Fisher on the first batch of ``examples`` and plan its budget over the
+    training set; returns the plan and the examples, the peeked ones included.
+
+    The example count comes from ``len(task)`` or a sized ``examples()``; failing both, and
+    only when a budget needs it, from one pass over a fresh ``task.examples()``.
+    """
+    pcfg = config.preconditioner
+    count = feat.task.count(examples)
+    stream = iter(examples)
+    head = list(itertools.islice(stream, feat.config.batch_size))
+    if not head:
+        raise TaskError("the task's examples() yields no example")
+    payloads = [payload for _, payload in head]
+    try:
+        plan = feat.plan_fisher(pcfg, payloads, count)
+    except ConfigError:
+        if count is not None or pcfg.fisher_budget is None:
+            raise
+        log.info("counting the task's examples to plan the Fisher budget")
+        count = sum(1 for _ in feat.task.examples())
+        plan = feat.plan_fisher(pcfg, payloads, count)
+    log.info("index %r: %s", config.name, plan.describe())
+    return plan, itertools.chain(head, stream)
 
 
 class _ShardRun:
@@ -367,16 +410,21 @@ def stage(
     """
     engine = connect(settings)
     feat = featurizer or Featurizer(config.task_spec.load(), config.compression)
-    staging = _open_staging(config, settings, feat)
+    examples = feat.task.examples()
+    total = feat.task.count(examples)
+    plan, examples = _plan(config, feat, examples)
+    staging = _open_staging(config, settings, feat, plan)
     shard, shards = config.shard, config.shards
     lock = staging.shards_dir / f"s{shard}of{shards}.lock"
     start = time.perf_counter()
     with file_lock(lock, f"featurize of index {config.name!r} shard {shard}/{shards}"):
         run = _ShardRun(config, engine, staging, feat.config.batch_size, progress,
                         hooks or NO_HOOKS)
-        examples = feat.task.examples()
-        run.set_total(staging.total() or feat.task.count(examples))
-        batches = BatchAccumulator(feat, config.preconditioner)
+        run.set_total(staging.total() or total or plan.examples)
+        fisher = None
+        if plan.members() is not None:
+            fisher = FisherBatcher(feat, plan, claims=run.mine)
+        batches = BatchAccumulator(feat, plan, fisher)
         per_chunk = -(-config.chunk_size // run.batch_size) * run.batch_size
         flusher = ChunkFlusher(staging.writer(shard, shards), per_chunk, run.on_chunk)
         run.report("featurizing")
@@ -384,6 +432,8 @@ def stage(
         stream = enumerate(examples)
         for pos, (ext_id, payload) in stream:
             count = pos + 1
+            if fisher is not None:
+                fisher.see(pos, payload)
             if run.mine(pos):
                 batch = batches.add(pos, run.record(feat, pos, ext_id, payload, stream))
                 if batch is not None:

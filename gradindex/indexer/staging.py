@@ -4,7 +4,9 @@ A staging folder belongs to one (task, compression, Fisher kind, model fingerpri
 its key, so changed settings never mix with old chunks. Each chunk is a folder written under a
 temporary name, fsync'ed and renamed, holding ``positions.npy`` (where its examples sit in
 ``task.examples()``), ``raw.npy`` ``[B, dim]``, optionally ``fisher.npy`` ``[B, R, dim]`` and
-``records.jsonl`` (external id, payload, metadata). The chunks are the record of what is done:
+``records.jsonl`` (external id, payload, metadata); with a bounded Fisher, ``fisher.npy`` holds
+the rows of the chunk's examples in the Fisher subset only, at ``fisher_positions.npy`` (a chunk
+without that file has rows for all its positions). The chunks are the record of what is done:
 a build killed at any point loses at most the chunk it was writing. ``build.json`` holds the
 finalize settings (preconditioner, FAISS, window) last asked for or published.
 """
@@ -83,9 +85,19 @@ class StagedWindow:
     raw: np.ndarray
     """``[W, dim]`` float32 raw compressed gradients."""
     fisher: np.ndarray | None
-    """``[W, R, dim]`` float32 Fisher rows, when the Fisher kind is not ``empirical``."""
+    """``[F, R, dim]`` float32 Fisher rows of the window's examples in the Fisher subset (all
+    of them unless the Fisher was bounded), when the Fisher kind is not ``empirical``."""
     records: list[dict[str, Any]]
     """Per example: ``{"id", "payload", "meta"}``."""
+    fisher_positions: np.ndarray | None = None
+    """``[F]`` the positions of the ``fisher`` rows, in order."""
+
+    def fisher_members(self) -> np.ndarray:
+        """``[W]`` bool: which of the window's examples have Fisher rows."""
+        members = np.zeros(self.stop - self.start, dtype=bool)
+        if self.fisher_positions is not None:
+            members[self.fisher_positions - self.start] = True
+        return members
 
 
 class Staging:
@@ -290,10 +302,19 @@ class Staging:
         chunks = self.chunk_dirs()
         chunk_of = np.full(total, -1, dtype=np.int64)
         row_of = np.full(total, -1, dtype=np.int64)
+        fisher_chunk = np.full(total, -1, dtype=np.int64)
+        fisher_row = np.full(total, -1, dtype=np.int64)
+        fisher_shape: tuple[int, ...] | None = None
         for c in range(len(chunks) - 1, -1, -1):  # the first chunk wins a duplicate
             pos = np.load(chunks[c] / "positions.npy")
             chunk_of[pos] = c
             row_of[pos] = np.arange(len(pos))
+            if (chunks[c] / "fisher.npy").exists():
+                fpath = chunks[c] / "fisher_positions.npy"
+                fpos = np.load(fpath) if fpath.exists() else pos
+                fisher_chunk[fpos] = c
+                fisher_row[fpos] = np.arange(len(fpos))
+                fisher_shape = np.load(chunks[c] / "fisher.npy", mmap_mode="r").shape[1:]
         cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]]]]
         cache = OrderedDict()
         keep = 4 * len({_CHUNK.fullmatch(p.name).group(1, 2) for p in chunks}) + 4  # type: ignore[union-attr]
@@ -315,18 +336,23 @@ class Staging:
 
         for lo in range(start, total, window):
             hi = min(lo + window, total)
-            raws, fishers, records = [], [], []
+            raws, fishers, records, fpos = [], [], [], []
             for p in range(lo, hi):
-                raw, fisher, recs = load(int(chunk_of[p]))
+                raw, _, recs = load(int(chunk_of[p]))
                 r = int(row_of[p])
                 raws.append(raw[r])
-                if fisher is not None:
-                    fishers.append(fisher[r])
                 records.append(recs[r])
-            yield StagedWindow(
-                lo, hi, np.stack(raws).astype(np.float32),
-                np.stack(fishers).astype(np.float32) if fishers else None, records,
-            )
+                if fisher_chunk[p] >= 0:
+                    fisher = load(int(fisher_chunk[p]))[1]
+                    assert fisher is not None
+                    fishers.append(fisher[int(fisher_row[p])])
+                    fpos.append(p)
+            staged = None
+            if fisher_shape is not None:
+                staged = (np.stack(fishers).astype(np.float32) if fishers
+                          else np.zeros((0, *fisher_shape), dtype=np.float32))
+            yield StagedWindow(lo, hi, np.stack(raws).astype(np.float32), staged, records,
+                               np.asarray(fpos, dtype=np.int64) if staged is not None else None)
 
 
 class ChunkWriter:
@@ -350,13 +376,22 @@ class ChunkWriter:
         raw: np.ndarray,
         records: Sequence[dict[str, Any]],
         fisher: np.ndarray | None = None,
+        fisher_positions: Sequence[int] | None = None,
     ) -> Path:
-        """Stage one chunk; returns its folder."""
+        """Stage one chunk; returns its folder.
+
+        Args:
+            fisher: ``[F, R, dim]`` Fisher rows, of ``fisher_positions`` (default: of every
+                position).
+        """
         n = len(positions)
-        if raw.shape[0] != n or len(records) != n or (fisher is not None and fisher.shape[0] != n):
+        rows = n if fisher_positions is None else len(fisher_positions)
+        if raw.shape[0] != n or len(records) != n or (
+            fisher is not None and fisher.shape[0] != rows
+        ):
             raise GradindexError(
                 f"chunk parts disagree: {n} positions, raw {raw.shape}, {len(records)} records, "
-                f"fisher {None if fisher is None else fisher.shape}"
+                f"fisher {None if fisher is None else fisher.shape} for {rows} positions"
             )
         name = f"{self.prefix}-{self.next_seq:06d}"
         tmp = self.staging.chunks_dir / f".tmp-{name}"
@@ -366,6 +401,9 @@ class ChunkWriter:
         np.save(tmp / "raw.npy", np.ascontiguousarray(raw, dtype=np.float32))
         if fisher is not None:
             np.save(tmp / "fisher.npy", np.ascontiguousarray(fisher, dtype=np.float32))
+            if fisher_positions is not None:
+                np.save(tmp / "fisher_positions.npy",
+                        np.asarray(fisher_positions, dtype=np.int64).reshape(-1))
         with open(tmp / "records.jsonl", "w") as fh:
             for rec in records:
                 fh.write(json.dumps(rec, sort_keys=True) + "\n")
