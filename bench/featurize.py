@@ -6,7 +6,8 @@ forward+backward training step (weight gradients computed), and of `factorized-d
 training step. Two models: an MLP of 1.3M parameters over vectors, and a transformer block over
 token sequences ``[B, T, D]``. Then a language-model row: tokens per second of the build's
 featurize (``CausalLMTask``, factorized-dropout, default k) beside a plain training step on the
-same batches of a tiny GPT-2 (random init; ``--lm-size mini``: 4 layers of width 256; ``small``: GPT-2-small's shape).
+same batches of a tiny GPT-2 (random init; ``--lm-size mini``: 4 layers of width 256;
+``small``: GPT-2-small's shape).
 
     python bench/featurize.py [--device cuda] [--quick] [--lm-only] [--out bench/out]
 """
