@@ -6,7 +6,8 @@ forward+backward training step (weight gradients computed), and of `factorized-d
 training step. Two models: an MLP of 1.3M parameters over vectors, and a transformer block over
 token sequences ``[B, T, D]``. Then a language-model row: tokens per second of the build's
 featurize (``CausalLMTask``, factorized-dropout, default k) beside a plain training step on the
-same batches of a tiny GPT-2 (random init; ``--lm-size small``: GPT-2-small's shape).
+same batches of a tiny GPT-2 (random init; ``--lm-size mini``: 4 layers of width 256;
+``small``: GPT-2-small's shape).
 
     python bench/featurize.py [--device cuda] [--quick] [--lm-only] [--out bench/out]
 """
@@ -147,6 +148,7 @@ def measure_lm(device: torch.device, repeats: int, size: str, batch: int,
     problems = make_problems(2000, seed=0)
     texts = [p["prompt"] + p["completion"] for p in problems]
     shape = {"tiny": dict(layers=2, width=128, heads=4),
+             "mini": dict(layers=4, width=256, heads=4),
              "small": dict(layers=12, width=768, heads=12)}[size]
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(texts, Path(tmp), vocab_size=1000 if size == "tiny" else 8000)
@@ -156,7 +158,7 @@ def measure_lm(device: torch.device, repeats: int, size: str, batch: int,
         task.model()
     net = task.model().to(device)
     # each payload: problems joined up to about seq_len tokens of text
-    per = max(1, seq_len // 40)
+    per = max(1, seq_len // 27)  # a problem is about 27 tokens
     payloads = [{"text": " ".join(texts[i * per:(i + 1) * per])} for i in range(batch)]
     tokens = int(task.collate(payloads)["attention_mask"].sum())
     params = sum(p.numel() for p in net.parameters())
@@ -247,7 +249,7 @@ def main() -> None:
     parser.add_argument("--gaussian-max-k", type=int, default=None,
                         help="skip the (slow) gaussian baseline above this k")
     parser.add_argument("--lm-only", action="store_true", help="the language-model row only")
-    parser.add_argument("--lm-size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--lm-size", choices=["tiny", "mini", "small"], default="tiny")
     parser.add_argument("--lm-batch", type=int, default=16)
     parser.add_argument("--lm-seq", type=int, default=128, help="about this many tokens each")
     args = parser.parse_args()

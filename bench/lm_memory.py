@@ -59,6 +59,8 @@ def one(mode: str, device: str, batch: int, seq: int, folder: str) -> dict[str, 
     tokens = int(task.collate(payloads)["attention_mask"].sum())
     feat = Featurizer(task, CompressionConfig(batch_size=batch), device=dev) \
         if mode != "training step" else None
+    with torch.no_grad():  # page every weight in (safetensors maps them lazily)
+        sum(float(p.abs().sum()) for p in net.parameters())
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -138,11 +138,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--overtrain-epochs", type=int, default=12,
                         help="further epochs of the over-trained copy")
+    parser.add_argument("--overtrain-base", type=Path, default=None,
+                        help="train the over-trained copy on from this model (default: the "
+                             "demo model)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--fisher-subset", type=int, default=800,
                         help="examples the Fisher is fitted on")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--only", choices=["demo", "overtrained"], default=None,
+                        help="evaluate one model (two processes can share the work), then "
+                             "print the table of every result found")
     parser.add_argument("--out", type=Path, default=Path("bench/out/text_demo"))
     args = parser.parse_args()
     if args.quick:
@@ -154,18 +160,21 @@ def main() -> None:
     if not (demo / "config.json").is_file():
         history = build_text_model(demo, train, epochs=args.epochs)
         print("demo model, loss by epoch:", [round(h, 3) for h in history], flush=True)
-    if not (over / "config.json").is_file():
-        task = CausalLMTask(str(demo))
+    if args.only != "demo" and not (over / "config.json").is_file():
+        task = CausalLMTask(str(args.overtrain_base or demo))
         history = train_lm(task, train, epochs=args.overtrain_epochs, seed=1)
         task.tokenizer.save_pretrained(str(over))
         trained: Any = task.model()
         trained.save_pretrained(str(over))
         print("over-trained copy, loss by epoch:", [round(h, 3) for h in history], flush=True)
-    results = {}
     for label, folder in (("demo", demo), ("overtrained", over)):
-        print(label, flush=True)
-        results[label] = evaluate(folder, train, queries, args)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        if args.only in (None, label):
+            print(label, flush=True)
+            found = evaluate(folder, train, queries, args)
+            (args.out / f"results-{label}.json").write_text(json.dumps(found, indent=2))
+    results = {label: json.loads((args.out / f"results-{label}.json").read_text())
+               for label in ("demo", "overtrained")
+               if (args.out / f"results-{label}.json").is_file()}
     cols = ["default", "dropout-sjlt", "dot", "relative", "dot_relative", "tfidf"]
     print(f"\nsame-template rate in the top {TOP} proponents, {args.queries} held-out problems, "
           f"{args.train} training problems, 8 templates (chance 0.125)")

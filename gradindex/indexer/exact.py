@@ -58,8 +58,9 @@ class ExactInfluence:
         self.model = copy.deepcopy(self.task.model(checkpoint)).double()  # never alter the task's
         modules = self.task.modules(self.model)
         self.layers: list[Layer] = describe_layers(modules)
-        if not all(layer.linear for layer in self.layers):
-            raise ConfigError("exact influence supports linear attributed layers only")
+        if not all(layer.linear and not layer.transposed for layer in self.layers):
+            raise ConfigError("exact influence supports nn.Linear attributed layers only "
+                              "(not other modules, nor transformers' Conv1D)")
         where = {id(m): n for n, m in self.model.named_modules()}
         self.prefixes = [where[id(m)] for m in modules.values()]
         self.theta = torch.cat([self._flat_layer(modules[ly.name], ly) for ly in self.layers])

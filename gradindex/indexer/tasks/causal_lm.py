@@ -134,8 +134,15 @@ class CausalLMTask:
         """The model (cached), in eval mode; with an adapter, its LoRA weights trainable."""
         if self._model is None:
             transformers = require_hf("transformers")
-            net = transformers.AutoModelForCausalLM.from_pretrained(
-                str(self.model_dir), local_files_only=True, dtype=self.dtype)
+            bars = transformers.utils.logging
+            shown = bars.is_progress_bar_enabled()
+            bars.disable_progress_bar()  # a loading bar per model: noise in builds and servers
+            try:
+                net = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(self.model_dir), local_files_only=True, dtype=self.dtype)
+            finally:
+                if shown:
+                    bars.enable_progress_bar()
             if self.adapter_dir is not None:
                 peft = require_hf("peft")
                 net = peft.PeftModel.from_pretrained(net, str(self.adapter_dir),
