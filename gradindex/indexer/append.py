@@ -28,6 +28,7 @@ from .config import CompressionConfig, PreconditionerConfig
 from .errors import ConfigError, GradindexError, TaskError
 from .featurize import Featurizer
 from .finalize import Finalizer
+from .fisher import FisherPlan
 from .precondition import Preconditioner, self_influence
 from .settings import Settings
 from .stage import BatchAccumulator, ChunkFlusher, check_json, staging_root
@@ -81,12 +82,26 @@ def _new_records(feat: Featurizer, known: set[str]) -> tuple[list[dict[str, Any]
     return records, skipped
 
 
-def _stage_new(staging: Staging, feat: Featurizer, pcfg: PreconditionerConfig,
-               records: list[dict[str, Any]], start: int,
+def _new_examples_plan(staging: Staging, seed: int, total: int) -> FisherPlan:
+    """How the new examples enter the Fisher a later ``refinalize`` fits: with their own
+    Fisher rows while the build fitted every example and all of them still fit its budget
+    (as a build of them all would do), else by their gradients (no extra pass), like the
+    examples outside a bounded Fisher's subset."""
+    plan = FisherPlan.from_staged(staging.info()["fisher"], seed)
+    every = plan.kind != "empirical" and plan.members() is None and (
+        plan.budget is None or total * plan.rows_per_example <= plan.budget)
+    if every:
+        return plan
+    return FisherPlan(kind="empirical", requested=plan.requested, examples=None, subset=None,
+                      samples=None, classes=None, budget=None, seed=plan.seed)
+
+
+def _stage_new(staging: Staging, feat: Featurizer, records: list[dict[str, Any]], start: int,
                progress: BuildProgressFn | None) -> None:
     """Featurize ``records`` into staging chunks at positions ``start, start+1, ...``, then
     record the new total (one atomic write: a kill before it leaves the index as it was)."""
-    batches = BatchAccumulator(feat, pcfg)
+    plan = _new_examples_plan(staging, feat.config.seed, start + len(records))
+    batches = BatchAccumulator(feat, plan)
     per_chunk = -(-1024 // feat.config.batch_size) * feat.config.batch_size
 
     def on_chunk(chunks: int, written: int) -> None:
@@ -228,7 +243,7 @@ def add(
             log.info("index %r: nothing to add (%d examples already indexed)", name, skipped)
             return AddResult(None, 0, skipped)
         pcfg = PreconditionerConfig.from_json(manifest["preconditioner"])
-        _stage_new(staging, feat, pcfg, records, old_count, progress)
+        _stage_new(staging, feat, records, old_count, progress)
         run = _Appender(settings, name, staging, preconditioner=pcfg,
                         faiss=FaissConfig.from_json(manifest["faiss"]),
                         window=int(staging.finalize_settings().get("window", 4096)),
