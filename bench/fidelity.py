@@ -42,8 +42,11 @@ from _fidelity_data import (  # noqa: E402
     DigitsSettings,
     MnistSettings,
     digits_benchmark,
+    load_mnist,
+    make_mlp,
     mnist_benchmark,
     one_thread,
+    train_mlp,
 )
 
 from gradindex import CompressionConfig, Featurizer, InMemoryIndex, PreconditionerConfig, Task, lds
@@ -544,23 +547,34 @@ TOPS = (0.05, 0.1, 0.2)
 
 
 def mislabel_detection(kind: str, cache: Cache) -> dict[str, Any]:
-    """Flip 10% of the 1,000 digits training labels (seed 0) to another class, retrain the
-    ``kind`` model on them, and rank the training examples by each score: the fraction of the
-    flipped ones found in the top 5%, 10% and 20%."""
-    x, y, _, _ = load_digits_split(1000, seed=0)
+    """Flip 10% of the training labels (seed 0) to another class, retrain the ``kind`` model
+    on them (``logreg``, ``mlp``: 1,000 digits; ``mnist``: the MNIST MLP on 4,000 images, one
+    seed), and rank the training examples by each score: the fraction of the flipped ones
+    found in the top 5%, 10% and 20%."""
+    if kind == "mnist":
+        x, y, _, _ = load_mnist(MnistSettings())
+    else:
+        x, y, _, _ = load_digits_split(1000, seed=0)
     rng = np.random.default_rng(0)
     n = len(y)
     flipped = rng.choice(n, int(FLIP * n), replace=False)
     noisy = y.copy()
     noisy[flipped] = (y[flipped] + rng.integers(1, 10, len(flipped))) % 10
 
+    def make() -> torch.nn.Module:
+        if kind == "mnist":
+            return make_mlp(MnistSettings().hidden)
+        return make_digits_model(kind, 32, seed=0)
+
     def train() -> torch.nn.Module:
-        net = make_digits_model(kind, 32, seed=0)
+        if kind == "mnist":
+            return train_mlp(x, noisy, MnistSettings(), seed=0)
+        net = make()
         with one_thread():
             return train_classifier(net, x, noisy, weight_decay=1e-3)
 
     state = cache.state_dict(f"mislabel-{kind}", {"model": kind, "flip": FLIP, "seed": 0}, train)
-    net = make_digits_model(kind, 32, seed=0)
+    net = make()
     net.load_state_dict(state)
     net.eval()
     task = ArrayClassificationTask(net, x, noisy, n_classes=10)
@@ -598,7 +612,7 @@ def mislabel_detection(kind: str, cache: Cache) -> dict[str, Any]:
 def mislabel_table(results: Sequence[dict[str, Any]]) -> str:
     """Fraction of the flipped examples in the top 5/10/20% of each ranking, per model."""
     head = " | ".join(f"{r['model']} top {int(t * 100)}%" for r in results for t in TOPS)
-    out = ["### Mislabel detection (digits, 10% of labels flipped)\n",
+    out = ["### Mislabel detection (10% of labels flipped)\n",
            f"| ranking | {head} |", "|---|" + "---|" * (len(results) * len(TOPS))]
     for label in results[0]["found"]:
         cells = " | ".join(f"{r['found'][label][f'{t:g}']:.2f}" for r in results for t in TOPS)
@@ -810,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="the Fisher defaults against the old ones, and against the budget")
     parser.add_argument("--mislabel", action="store_true",
                         help="also mislabel detection by self-influence (digits, 10%% flipped)")
+    parser.add_argument("--mislabel-models", nargs="*", default=["logreg", "mlp"],
+                        help="models of --mislabel: logreg mlp (digits), mnist")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--no-cache", action="store_true")
@@ -838,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log.info("%s scored in %.1fs", name, time.perf_counter() - t0)
     tables = markdown_tables(rows)
     if args.mislabel:
-        found = [mislabel_detection(kind, cache) for kind in ("logreg", "mlp")]
+        found = [mislabel_detection(kind, cache) for kind in args.mislabel_models]
         tables += "\n" + mislabel_table(found)
     print(tables)
     best = {name: best_at_budget(rows, name) for name in settings}
@@ -861,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stem = "fidelity_quick" if args.quick else ("fidelity_fisher" if args.fisher else "fidelity")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out / f"{stem}.md").write_text(tables)
-    plots(rows, args.out, stem)
+    if rows:
+        plots(rows, args.out, stem)
     return result
 
 
