@@ -160,11 +160,12 @@ server each: :data:`DAMAGE` shows the server's side of the same errors."""
 def test_more_damage_is_a_storage_error_without_paths(damage: str, template: Template,
                                                      tmp_path: Path) -> None:
     settings = template.copy(tmp_path / "data")
-    folder = open_index(HEALTHY, settings).folder
+    template.marker.unlink(missing_ok=True)
+    folder = open_index(BROKEN, settings).folder  # the index with FAISS files
     hurt, words = MORE_DAMAGE[damage]
     hurt(folder)
     with pytest.raises(StorageError) as caught:
-        open_index(HEALTHY, settings)
+        open_index(BROKEN, settings)
     reason = failure_reason(caught.value, settings.data_dir)
     assert all(w in reason for w in words), reason
     assert not _absolute_paths(reason) and str(tmp_path) not in reason, reason

@@ -122,8 +122,10 @@ class Index:
 
     @property
     def has_relative_index(self) -> bool:
-        """Whether relative influence searches its own FAISS index (else an exact scan)."""
-        return self.files.relative_faiss is not None
+        """Whether relative influence ranks as exactly as raw influence: by an exact scan of
+        the stored vectors (an exact index stores no FAISS copy) or by a FAISS index of its
+        own; else (versions written before relative influence had an index) it scans too."""
+        return self.files.relative_faiss is not None or self.files.faiss is None
 
     @property
     def identity(self) -> tuple[int, str]:

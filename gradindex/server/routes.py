@@ -208,6 +208,12 @@ async def _queries(served: Served, examples: Sequence[dict[str, Any]],
     return torch.cat(parts)
 
 
+def _relative_ranks_exactly(manifest: dict[str, Any]) -> bool:
+    """What :attr:`Index.has_relative_index` says, from a manifest alone."""
+    stored_once = (manifest.get("faiss") or {}).get("file", "index.faiss") is None
+    return stored_once or bool((manifest.get("relative") or {}).get("file"))
+
+
 def _summary(row: dict[str, Any], registry: IndexRegistry) -> dict[str, Any]:
     manifest = row["manifest"] or {}
     refused = registry.refused().get(row["name"])
@@ -300,7 +306,7 @@ async def get_index(_key: ReadKey, name: IndexName, registry: Registry) -> Index
         return IndexDetail(
             **_summary(row, registry), task=m.get("task") or {},
             compression=m.get("compression") or {}, preconditioner=m.get("preconditioner") or {},
-            faiss=m.get("faiss") or {}, relative=bool((m.get("relative") or {}).get("file")),
+            faiss=m.get("faiss") or {}, relative=_relative_ranks_exactly(m),
             device=None, metadata_schema=m.get("metadata_schema"))
     index = served.index
     m = index.manifest

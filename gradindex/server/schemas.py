@@ -246,8 +246,10 @@ class IndexDetail(IndexSummary):
     compression: dict[str, Any]
     preconditioner: dict[str, Any]
     faiss: dict[str, Any]
-    relative: bool = Field(description="Whether `normalize` searches its own FAISS index "
-                                       "(else an exact scan).")
+    relative: bool = Field(description="Whether `normalize` (relative influence) is exact: an "
+                                       "exact scan of the stored vectors, or a FAISS index of "
+                                       "its own; false when it re-ranks an approximate index's "
+                                       "candidates of raw influence.")
     device: str | None
     metadata_schema: dict[str, Any] | None = Field(
         None, description="The examples' metadata keys as recorded at build: `{\"count\": N, "
