@@ -105,6 +105,9 @@ def test_add_equals_a_rebuild_under_the_same_preconditioner(settings: Settings, 
     found = {h.external_id for d in ("proponents", "opponents")
              for h in grown.search(np.asarray(v2[:1]), total, direction=d)[0]}
     assert gone not in found and len(found) == total - 1  # every live example, old and new
+    threes = grown.search(np.asarray(v2[:1]), total, filter={"label": 3})[0]  # schema kept
+    assert threes and {h.meta["label"] for h in threes} == {3}
+    assert any(int(h.external_id.split("-")[1]) >= old for h in threes)  # added ones match
 
     # nothing new: no new version
     again = add(settings, "grow", spec(part, total))

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
@@ -29,7 +28,7 @@ from .errors import ConfigError, GradindexError, TaskError
 from .featurize import Featurizer
 from .finalize import Finalizer
 from .fisher import FisherPlan
-from .precondition import Preconditioner, self_influence
+from .precondition import Preconditioner
 from .settings import Settings
 from .stage import BatchAccumulator, ChunkFlusher, check_json, staging_root
 from .staging import Staging
@@ -38,7 +37,6 @@ from .store import (
     connect,
     current_version,
     file_lock,
-    insert_examples,
     load_manifest,
     save_manifest,
 )
@@ -110,13 +108,8 @@ def _stage_new(staging: Staging, feat: Featurizer, records: list[dict[str, Any]]
 
     flusher = ChunkFlusher(staging.writer(0, 1), per_chunk, on_chunk)
     for j, record in enumerate(records):
-        batch = batches.add(start + j, record)
-        if batch is not None:
-            flusher.add(batch)
-    last = batches.drain()
-    if last is not None:
-        flusher.add(last)
-    flusher.flush()
+        flusher.add(batches.add(start + j, record))
+    flusher.finish(batches)
     staging.mark_appended(start + len(records))
 
 
@@ -132,7 +125,6 @@ class _Appender(Finalizer):
 
     def write_vectors(self, precond: Preconditioner) -> tuple[np.ndarray, np.ndarray]:
         assert self.version is not None, "begin() first"
-        groups = int(self.info["layout"]["groups"])
         vectors = np.lib.format.open_memmap(self.tmp / "vectors.npy", mode="w+",
                                             dtype=np.float32, shape=(self.total, self.dim))
         old = np.load(self.old_dir / "vectors.npy", mmap_mode="r")
@@ -156,6 +148,8 @@ class _Appender(Finalizer):
                 raise GradindexError(
                     f"index {self.name!r}: its current version has {len(rows)} rows for "
                     f"{self.old_count} vectors; rebuild it with `gradindex build`")
+            for row in rows:
+                self.metadata_schema.observe(row["metadata"] or {})
             for lo in range(0, len(rows), self.window):
                 part = rows[lo : lo + self.window]
                 got = conn.execute(
@@ -163,19 +157,7 @@ class _Appender(Finalizer):
                     part)
                 ids[lo : lo + len(part)] = [g[0] for g in got]
         self._report("vectors", self.old_count)
-        for w in self.staging.windows(self.window, start=self.old_count):
-            raw = torch.from_numpy(w.raw)
-            vec = precond.apply(raw)
-            si = self_influence(raw / groups, vec).numpy()
-            vectors[w.start : w.stop] = vec.numpy()
-            influence[w.start : w.stop] = si
-            with self.engine.begin() as conn:
-                ids[w.start : w.stop] = insert_examples(
-                    conn=conn, version_id=self.version.id, start=w.start, records=w.records,
-                    self_influence=si,
-                )
-            self._report("vectors", w.stop)
-            self.hooks.in_finalize("rows")
+        self.write_windows(precond, self.old_count, vectors, ids, influence)
         vectors.flush()
         del vectors
         np.save(self.tmp / "ids.npy", ids)

@@ -231,12 +231,25 @@ class Finalizer:
             The rows' ids (the FAISS ids) ``[N]`` and self-influence ``[N]``, by position.
         """
         assert self.version is not None, "begin() first"
-        groups = int(self.info["layout"]["groups"])
         vectors = np.lib.format.open_memmap(self.tmp / "vectors.npy", mode="w+",
                                             dtype=np.float32, shape=(self.total, self.dim))
         ids = np.zeros(self.total, dtype=np.int64)
         influence = np.zeros(self.total, dtype=np.float64)
-        for w in self.staging.windows(self.window):
+        self.write_windows(precond, 0, vectors, ids, influence)
+        vectors.flush()
+        del vectors
+        np.save(self.tmp / "ids.npy", ids)
+        np.save(self.tmp / "self_influence.npy", influence)
+        return ids, influence
+
+    def write_windows(self, precond: Preconditioner, start: int, vectors: np.ndarray,
+                      ids: np.ndarray, influence: np.ndarray) -> None:
+        """Staged examples from position ``start`` on: preconditioned into ``vectors``, their
+        self-influence into ``influence``, their SQL rows committed window by window (their
+        ids into ``ids``), their metadata into the version's schema."""
+        assert self.version is not None, "begin() first"
+        groups = int(self.info["layout"]["groups"])
+        for w in self.staging.windows(self.window, start=start):
             raw = torch.from_numpy(w.raw)
             vec = precond.apply(raw)
             si = self_influence(raw / groups, vec).numpy()
@@ -251,11 +264,6 @@ class Finalizer:
                 )
             self._report("vectors", w.stop)
             self.hooks.in_finalize("rows")
-        vectors.flush()
-        del vectors
-        np.save(self.tmp / "ids.npy", ids)
-        np.save(self.tmp / "self_influence.npy", influence)
-        return ids, influence
 
     def write_faiss(self, ids: np.ndarray, influence: np.ndarray) -> dict[str, Any]:
         """The FAISS index over the vectors, and a second one over ``v_i / sqrt(self-influence_i)``

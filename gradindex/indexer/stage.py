@@ -201,11 +201,18 @@ class ChunkFlusher:
         self.chunks = 0
         self.written = 0
 
-    def add(self, batch: StagedBatch) -> None:
-        """Hold ``batch``; write the chunk once a chunk's worth is held."""
+    def add(self, batch: StagedBatch | None) -> None:
+        """Hold ``batch`` (if any); write the chunk once a chunk's worth is held."""
+        if batch is None:
+            return
         self.batches.append(batch)
         if sum(len(b.positions) for b in self.batches) >= self.per_chunk:
             self.flush()
+
+    def finish(self, batches: BatchAccumulator) -> None:
+        """Featurize what ``batches`` still queues and write every held batch."""
+        self.add(batches.drain())
+        self.flush()
 
     def flush(self) -> None:
         """Write what is held (the last, shorter chunk at the end of a run) as one chunk."""
@@ -435,13 +442,8 @@ def stage(
             if fisher is not None:
                 fisher.see(pos, payload)
             if run.mine(pos):
-                batch = batches.add(pos, run.record(feat, pos, ext_id, payload, stream))
-                if batch is not None:
-                    flusher.add(batch)
-        last = batches.drain()
-        if last is not None:
-            flusher.add(last)
-        flusher.flush()
+                flusher.add(batches.add(pos, run.record(feat, pos, ext_id, payload, stream)))
+        flusher.finish(batches)
         staging.mark_shard_done(shard, shards, count)
         run.set_total(count)
         run.report("staged")
