@@ -25,7 +25,7 @@ from gradindex.indexer.store import connect
 
 from .browse import browse_router
 from .errors import error_response, install_error_handlers
-from .guard import RequestGuard
+from .guard import RequestGuard, replaying
 from .indexes import IndexRegistry
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .page import page_router
@@ -88,16 +88,7 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(

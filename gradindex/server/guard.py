@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
 
-__all__ = ["INT64", "MAX_DEPTH", "RequestGuard", "body_problem", "host_allowed", "text_problem"]
+__all__ = ["INT64", "MAX_DEPTH", "RequestGuard", "body_problem", "host_allowed", "replaying",
+           "text_problem"]
 
 INT64 = (-(2**63), 2**63 - 1)
 """The integers a body may hold (what SQL, numpy and torch all take)."""
@@ -132,6 +133,21 @@ def host_allowed(host: str, allowed: Iterable[str]) -> bool:
     return False
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the already-read ``body`` once, then the client's
+    further messages (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class RequestGuard:
     """Refuses, before any route runs, a request with a ``Host`` this server does not answer
     to (421), a NUL or lone surrogate in its path or query (422) or a JSON body holding a value
@@ -180,16 +196,7 @@ class RequestGuard:
         if problem is not None:
             await error_response(422, "ValidationError", problem)(scope, receive, send)
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     def _url_problem(scope: Scope) -> str | None:
