@@ -451,11 +451,19 @@ PortOption = Annotated[int | None, typer.Option(
 
 
 @app.command("serve")
-def serve_cmd(host: HostOption = None, port: PortOption = None) -> None:
+def serve_cmd(
+    host: HostOption = None,
+    port: PortOption = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, max=64, show_default="1, or GRADINDEX_WORKERS",
+        help="Server processes sharing the port (each loads the models; the vectors are "
+             "memory-mapped, so their pages are shared).")] = None,
+) -> None:
     """Serve the indexes over HTTP (settings from GRADINDEX_*; API keys from `keys create`)."""
     from gradindex.server import ServerSettings
 
-    _serve(ServerSettings(**_address(host, port)))
+    extra: dict[str, Any] = {} if workers is None else {"workers": workers}
+    _serve(ServerSettings(**_address(host, port), **extra))
 
 
 def _address(host: str | None, port: int | None) -> dict[str, Any]:

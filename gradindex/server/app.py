@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from .indexes import IndexRegistry
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .page import page_router
 from .routes import health_router, router
+from .serving import SETTINGS_VARIABLE, WORKER_PROTOCOL
 from .serving import uvicorn_options as uvicorn_limits
 from .settings import ServerSettings
 
@@ -192,8 +194,15 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     return app
 
 
+def app_for_worker() -> FastAPI:
+    """The app of one worker process of ``gradindex serve --workers N`` (uvicorn's factory):
+    the settings ``run`` was given, handed over as JSON in the environment."""
+    return create_app(ServerSettings.model_validate_json(os.environ[SETTINGS_VARIABLE]))
+
+
 def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
-    """Serve ``create_app(settings)`` with uvicorn on ``settings.host:settings.port``.
+    """Serve ``create_app(settings)`` with uvicorn on ``settings.host:settings.port``, in
+    ``settings.workers`` processes.
 
     Raises:
         StorageError: the database is unreachable or not migrated (checked before serving, so
@@ -204,5 +213,11 @@ def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
     connect(settings.storage())
 
     options = {**uvicorn_limits(settings), **uvicorn_options}
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", **options)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="info", **options)
+        return
+    os.environ[SETTINGS_VARIABLE] = settings.model_dump_json()
+    options["http"] = WORKER_PROTOCOL
+    uvicorn.run(f"{__name__}:app_for_worker", factory=True, workers=settings.workers,
+                host=settings.host, port=settings.port, log_level="info", **options)

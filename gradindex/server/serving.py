@@ -10,11 +10,25 @@ and headers within ``header_timeout_s`` of being opened (or of its previous resp
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from .settings import ServerSettings
 
-__all__ = ["header_timeout_protocol", "uvicorn_options"]
+__all__ = ["SETTINGS_VARIABLE", "WORKER_PROTOCOL", "header_timeout_protocol", "uvicorn_options"]
+
+SETTINGS_VARIABLE = "GRADINDEX_SERVE_SETTINGS"
+"""How ``run`` hands its settings, as JSON, to the worker processes of ``workers > 1``."""
+
+WORKER_PROTOCOL = f"{__name__}:HeaderTimeoutProtocol"
+"""The protocol of a worker process, by name: uvicorn's workers import what they run."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HeaderTimeoutProtocol":  # a worker process's protocol, from the settings
+        settings = ServerSettings.model_validate_json(os.environ[SETTINGS_VARIABLE])
+        return header_timeout_protocol(settings.header_timeout_s)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:

@@ -44,6 +44,11 @@ class ServerSettings(Settings):
     device: str | None = Field(
         default=None,
         description="Torch device of the models; unset means cuda when present, else cpu.")
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Server processes sharing the address; each opens the indexes (their "
+                    "vectors memory-mapped: one copy in the page cache) and loads its own "
+                    "models.")
     max_batch: int = Field(default=64, ge=1, le=4096,
                            description="Examples per model pass at most.")
     max_wait_ms: float = Field(
