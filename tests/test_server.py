@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,13 +22,13 @@ from gradindex_client import (
     ServiceUnavailable,
 )
 
-from gradindex import Settings, open_index, refinalize
+from gradindex import BuildConfig, Settings, build, open_index, refinalize
 from gradindex.indexer.featurize import Featurizer
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.reader import Index
 from gradindex.indexer.tasks import DigitsTask
 
-from .conftest import SERVED_INDEX, LiveServer
+from .conftest import SERVED_INDEX, STORE_TASK, STORE_TASK_ARGS, LiveServer
 
 RTOL = 1e-4
 ATOL = 1e-4
@@ -283,11 +285,23 @@ def test_metrics_are_prometheus(api: Client) -> None:
 
 
 def test_delete_then_new_version_is_picked_up(
-    api: Client, server_settings: Settings, payloads: list[dict[str, Any]]
+    tmp_path: Path, payloads: list[dict[str, Any]]
 ) -> None:
-    """Runs last: it deletes an example and publishes a new version of the served index."""
-    import time
+    """On an index and a server of its own: it deletes an example and publishes a new
+    version, which the other tests' shared index must not see."""
+    server_settings = Settings(data_dir=tmp_path / "data")
+    build(BuildConfig(name=SERVED_INDEX, task=STORE_TASK, task_args=dict(STORE_TASK_ARGS)),
+          server_settings)
+    server = LiveServer(server_settings, tmp_path / "server.log", auth="off").wait()
+    try:
+        with Client(server.url, retries=0) as api:
+            _delete_then_refinalize(api, server_settings, payloads)
+    finally:
+        server.stop()
 
+
+def _delete_then_refinalize(api: Client, server_settings: Settings,
+                            payloads: list[dict[str, Any]]) -> None:
     top = api.influence(SERVED_INDEX, payloads[:1], 3).results[0].proponents[0]
     deleted = api.delete(SERVED_INDEX, top.id)
     assert deleted.id == top.id
