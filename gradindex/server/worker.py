@@ -69,6 +69,9 @@ class DeviceWorker:
         self._batch: list[_Job] = []
         """The jobs of the pass being gathered or run."""
         self._closing = False
+        self._predicting: list[tuple[list[Any], asyncio.Future[list[Prediction]]]] = []
+        """Prediction requests waiting for the next pass; one drains them at a time."""
+        self._predict_busy = False
 
     @property
     def device(self) -> str:
@@ -147,11 +150,44 @@ class DeviceWorker:
         return await job.future
 
     async def predict(self, payloads: Sequence[dict[str, Any]]) -> list[Prediction]:
-        """The model's prediction, confidence and loss of each payload (one no-grad pass on the
-        worker's thread, between its batches; None where the task cannot tell)."""
+        """The model's prediction, confidence and loss of each payload (no-grad passes on the
+        worker's thread, between its batches; None where the task cannot tell). Requests that
+        wait together share a pass of up to ``max_batch`` examples, as queries do."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, predictions, self.featurizer,
-                                          list(payloads))
+        done: asyncio.Future[list[Prediction]] = loop.create_future()
+        self._predicting.append((list(payloads), done))
+        if not self._predict_busy:
+            self._predict_busy = True
+            loop.create_task(self._drain_predictions())
+        return await done
+
+    async def _drain_predictions(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._predicting:
+                jobs: list[tuple[list[Any], asyncio.Future[list[Prediction]]]] = []
+                size = 0
+                while self._predicting and (not jobs or
+                                            size + len(self._predicting[0][0]) <= self.max_batch):
+                    job = self._predicting.pop(0)
+                    jobs.append(job)
+                    size += len(job[0])
+                flat = [p for payloads, _ in jobs for p in payloads]
+                try:
+                    out = await loop.run_in_executor(self._executor, predictions,
+                                                     self.featurizer, flat)
+                except Exception as exc:  # noqa: BLE001 - each request gets the failure
+                    for _, waiting in jobs:
+                        if not waiting.done():
+                            waiting.set_exception(exc)
+                    continue
+                start = 0
+                for payloads, waiting in jobs:
+                    if not waiting.done():
+                        waiting.set_result(out[start : start + len(payloads)])
+                    start += len(payloads)
+        finally:
+            self._predict_busy = False
 
     # ------------------------------------------------------------------ the loop
 
