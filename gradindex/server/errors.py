@@ -189,6 +189,8 @@ def _headers(exc: BaseException) -> dict[str, str] | None:
         return {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, StorageError):
         return {"Retry-After": str(OUTAGE_RETRY_AFTER_S)}
+    if isinstance(exc, IndexUnavailable):  # retired mid-request, or not loadable yet
+        return {"Retry-After": "1"}
     if isinstance(exc, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
     return None
