@@ -26,11 +26,14 @@ from typing import Any
 
 import numpy as np
 from gradindex_client import Client
+from threadpoolctl import threadpool_limits
 
 from gradindex import open_index
 from gradindex.indexer.featurize import Featurizer
+from gradindex.indexer.predict import predictions
 from gradindex.indexer.query import featurizer_for, query_vectors
 from gradindex.indexer.reader import Index
+from gradindex.server.schemas import Example, InfluenceResponse, InfluenceResult
 
 K = 10
 log = logging.getLogger("bench.query_load")
@@ -97,6 +100,47 @@ def in_process(index: Index, featurizer: Featurizer, payloads: list[dict[str, An
     return _stats(latencies, batch * rounds, time.perf_counter() - started)
 
 
+def _median_ms(fn: Any, rounds: int = 200) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def breakdown(index: Index, featurizer: Featurizer, payload: dict[str, Any],
+              http_p50_ms: float) -> list[tuple[str, float]]:
+    """Where one request's time goes at one client: each step the server takes, timed alone
+    in process (median ms), and what is left of the HTTP p50 (HTTP parsing, the request
+    checks, routing, the event loop's hand-offs, the socket)."""
+    q = query_vectors(featurizer, [payload])
+    ranked = index.rank(q, K)
+
+    def respond() -> bytes:
+        hits = [Example(id=h.external_id, payload=h.payload, meta=h.meta,
+                        self_influence=h.self_influence, score=h.score,
+                        render=featurizer.task.render(h.payload)) for h in ranked[0].hits]
+        body = InfluenceResponse(index=index.name, version=index.version, results=[
+            InfluenceResult(proponents=hits, positives=ranked[0].positives)])
+        return body.model_dump_json().encode()
+
+    steps = [
+        ("model pass (query vector)", _median_ms(lambda: featurizer.query([payload]))),
+        ("prediction pass", _median_ms(lambda: predictions(featurizer, [payload]))),
+        ("search: scan + sign counts", _median_ms(
+            lambda: index.searcher.scan(q.numpy(), K, exclude=index.examples.deleted()))),
+        ("search: deleted ids + hits (SQL)", _median_ms(
+            lambda: index.examples.hits(np.asarray(index.ids[:K]), np.zeros(K)))),
+        ("response models + JSON", _median_ms(respond)),
+    ]
+    # the server runs the prediction pass beside the search, so it is not added twice
+    serial = sum(ms for name, ms in steps if name != "prediction pass")
+    steps.append(("HTTP, checks, routing, hand-offs (rest of p50)", http_p50_ms - serial))
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=os.environ.get("GRADINDEX_URL", "http://127.0.0.1:8000"))
@@ -106,10 +150,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000,
                         help="Requests per concurrency level (split across clients).")
     parser.add_argument("--quick", action="store_true", help="About 300 requests per level.")
+    parser.add_argument("--search-threads", type=int, default=1,
+                        help="BLAS threads of the in-process search: the server's "
+                             "GRADINDEX_SEARCH_THREADS (default 1), so both sides search alike; "
+                             "0 leaves BLAS's default.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
     total = 300 if args.quick else args.requests
+    if args.search_threads:
+        threadpool_limits(args.search_threads, user_api="blas")
 
     index = open_index(args.index)
     featurizer = featurizer_for(index)
@@ -121,15 +171,23 @@ def main() -> None:
     header = (f"{'clients':>7} | {'HTTP p50 ms':>11} {'p99 ms':>8} {'req/s':>8} | "
               f"{'in-proc p50 ms':>14} {'p99 ms':>8} {'ex/s':>8} | {'p50 ratio':>9}")
     rows = []
+    one_client: float | None = None
     for clients in args.concurrency:
         per_client = max(1, total // clients)
         http = over_http(args.url, args.api_key, args.index, payloads, clients, per_client)
         local = in_process(index, featurizer, payloads, clients, max(3, per_client))
+        if clients == 1:
+            one_client = http.p50_ms
         rows.append(f"{clients:>7} | {http.p50_ms:>11.2f} {http.p99_ms:>8.2f} "
                     f"{http.per_s:>8.0f} | {local.p50_ms:>14.2f} {local.p99_ms:>8.2f} "
                     f"{local.per_s:>8.0f} | {http.p50_ms / local.p50_ms:>9.2f}")
         log.info(rows[-1])
-    print("\n".join([header, "-" * len(header), *rows]))  # noqa: T201 - the bench's output
+    out = [header, "-" * len(header), *rows]
+    if one_client is not None:
+        out += ["", "one client, where the time goes (median ms, each step timed in process):"]
+        out += [f"  {name:<48} {ms:>7.2f}"
+                for name, ms in breakdown(index, featurizer, payloads[0], one_client)]
+    print("\n".join(out))  # noqa: T201 - the bench's output
 
 
 if __name__ == "__main__":

@@ -69,6 +69,53 @@ def test_top_k_equals_brute_force(data: tuple[np.ndarray, np.ndarray, np.ndarray
     assert (np.diff(sign * scores, axis=1) <= 0).all()  # strongest first
 
 
+@pytest.mark.parametrize("restrict", ["none", "include", "exclude", "include-and-exclude"])
+@pytest.mark.parametrize("window", [7, 65536])
+def test_one_pass_scan_equals_brute_force_in_both_directions(
+        data: tuple[np.ndarray, np.ndarray, np.ndarray], restrict: str, window: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass gives each direction's top-k and the exact sign counts, with deleted rows,
+    filters and a per-query skipped example left out, whatever the block size."""
+    vectors, ids, queries = data
+    monkeypatch.setattr(search, "SCORE_WINDOW", window)
+    monkeypatch.setattr(search, "SCAN_BYTES", 4 * Q * window)
+    rng = np.random.default_rng(2)
+    chosen = rng.choice(ids, size=N // 3, replace=False)
+    gone = rng.choice(ids, size=N // 7, replace=False)
+    include = chosen if "include" in restrict else None
+    exclude = gone if "exclude" in restrict else None
+    allowed = np.ones(N, dtype=bool)
+    if include is not None:
+        allowed &= np.isin(ids, include)
+    if exclude is not None:
+        allowed &= ~np.isin(ids, exclude)
+    skip = np.full(Q, -1, np.int64)
+    skip[::2] = ids[np.flatnonzero(allowed)[:Q][::2]]  # every other query skips a live one
+    scan = Searcher(vectors, IdRows(ids)).scan(queries, K, include=include, exclude=exclude,
+                                               skip=skip)
+    full = queries @ vectors.T
+    for i in range(Q):
+        mask = allowed & (ids != skip[i])
+        assert scan.positives[i] == int((full[i][mask] > 0).sum())
+        assert scan.negatives[i] == int((full[i][mask] < 0).sum())
+        for direction, sign in (("proponents", 1.0), ("opponents", -1.0)):
+            want_s, want = brute(vectors, ids, queries[i : i + 1], K, sign, mask)
+            got_s, got = scan.top[direction][0][i], scan.top[direction][1][i]
+            np.testing.assert_array_equal(got, want[0])
+            np.testing.assert_allclose(got_s, want_s[0], rtol=RTOL, atol=ATOL)
+
+
+def test_one_pass_scan_pads_when_fewer_rows_than_k(
+        data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    vectors, ids, queries = data
+    scan = Searcher(vectors, IdRows(ids)).scan(queries, K, include=ids[:3])
+    for direction in ("proponents", "opponents"):
+        scores, got = scan.top[direction]
+        assert (got[:, 3:] == -1).all() and set(got[0, :3]) == set(ids[:3])
+        assert np.isinf(scores[:, 3:]).all()
+    assert (scan.positives + scan.negatives == 3).all()
+
+
 def test_fewer_candidates_than_k_are_padded(data: tuple[np.ndarray, np.ndarray, np.ndarray]
                                             ) -> None:
     vectors, ids, queries = data

@@ -138,20 +138,29 @@ class ExampleStore:
         Raises:
             StorageError: some rows are gone (the version was retired meanwhile).
         """
-        keep = ids >= 0
-        ids, scores = ids[keep], scores[keep]
-        if not len(ids):
-            return []
-        with Session(self.engine) as session:
-            rows = {r.id: r for r in session.scalars(
-                select(ExampleRow).where(ExampleRow.id.in_(ids.tolist()),
-                                         ExampleRow.version_id == self.version))}
-        if len(rows) != len(set(ids.tolist())):
+        return self.hits_many([(ids, scores)])[0]
+
+    def hits_many(self, found: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[Hit]]:
+        """:meth:`hits` of several ``(ids, scores)`` lists, read in one SQL query.
+
+        Raises:
+            StorageError: some rows are gone (the version was retired meanwhile).
+        """
+        found = [(np.asarray(i), np.asarray(s)) for i, s in found]
+        wanted = sorted({int(i) for ids, _ in found for i in ids if i >= 0})
+        rows: dict[int, ExampleRow] = {}
+        if wanted:
+            with Session(self.engine) as session:
+                rows = {r.id: r for r in session.scalars(
+                    select(ExampleRow).where(ExampleRow.id.in_(wanted),
+                                             ExampleRow.version_id == self.version))}
+        if len(rows) != len(wanted):
             raise StorageError(
                 f"index {self.name!r} version {self.version} was retired while in use; "
                 "open the index again"
             )
-        return [_hit(rows[int(i)], s) for i, s in zip(ids, scores, strict=True)]
+        return [[_hit(rows[int(i)], s) for i, s in zip(ids, scores, strict=True) if i >= 0]
+                for ids, scores in found]
 
     def self_influence_by_position(self) -> np.ndarray:
         """Self-influence of every row, by position (for versions without

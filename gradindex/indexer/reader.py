@@ -204,7 +204,27 @@ class Index:
 
         ``signed=False`` keeps the top ``k`` whatever their sign (a data selection ranks by
         mean influence and wants ``k`` examples)."""
-        check_search(k, direction)
+        return self.rank_many(queries, k, directions=(direction,), filter=filter,
+                              normalize=normalize, skip=skip, signed=signed)[direction]
+
+    def rank_many(
+        self,
+        queries: torch.Tensor | np.ndarray,
+        k: int = 10,
+        *,
+        directions: Sequence[str] = ("proponents",),
+        filter: Filter | None = None,
+        normalize: bool = False,
+        skip: Sequence[int | None] | None = None,
+        signed: bool = True,
+    ) -> dict[str, list[Ranked]]:
+        """:meth:`rank` in several directions at once, per direction a list over queries.
+
+        An exactly searched index (no FAISS index, or a filter matching few examples)
+        computes every score once for all directions and the sign counts; the hits of all
+        queries are read from SQL in one query."""
+        for d in directions:
+            check_search(k, d)
         q = self._queries(queries)
         skipped = np.full(len(q), -1, dtype=np.int64)
         if skip is not None:
@@ -212,23 +232,35 @@ class Index:
         include = self.examples.matching(filter)
         exclude = None if include is not None else self.examples.deleted()
         searcher = self.relative_searcher if normalize else self.searcher
-        extra = int((skipped >= 0).any())
-        scores, ids = searcher.top_k(q, k + extra, direction=direction, include=include,
-                                     exclude=exclude)
-        counts = self._sign_counts(q, include, exclude, skipped) if signed else None
-        sign = 1.0 if direction == "proponents" else -1.0
-        out = []
-        for i in range(len(q)):
-            keep = (ids[i] >= 0) & (ids[i] != skipped[i])
+        counts: tuple[np.ndarray, np.ndarray] | None
+        if searcher.scannable(include):
+            scan = searcher.scan(q, k, directions=directions, include=include, exclude=exclude,
+                                 skip=skipped)
+            top, counts = scan.top, (scan.positives, scan.negatives)
+        else:
+            extra = int((skipped >= 0).any())
+            top = {d: searcher.top_k(q, k + extra, direction=d, include=include,
+                                     exclude=exclude) for d in directions}
+            counts = self._sign_counts(q, include, exclude, skipped) if signed else None
+        picked: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for d in directions:
+            sign = 1.0 if d == "proponents" else -1.0
+            scores, ids = top[d]
+            keep = (ids >= 0) & (ids != skipped[:, None])
             if signed:
-                keep &= sign * scores[i] > 0
-            hits = self.examples.hits(ids[i][keep][:k], scores[i][keep][:k])
-            if counts is not None:
-                pos, neg = int(counts[0][i]), int(counts[1][i])
-                out.append(Ranked(hits, pos, neg))
-                continue
-            found = len(hits) if len(hits) < k else None
-            out.append(Ranked(hits, found, None) if sign > 0 else Ranked(hits, None, found))
+                keep &= sign * scores > 0
+            picked[d] = [(ids[i][keep[i]][:k], scores[i][keep[i]][:k]) for i in range(len(q))]
+        hits = self.examples.hits_many([p for d in directions for p in picked[d]])
+        out: dict[str, list[Ranked]] = {}
+        for n, d in enumerate(directions):
+            found = hits[n * len(q) : (n + 1) * len(q)]
+            if counts is not None and signed:
+                out[d] = [Ranked(h, int(counts[0][i]), int(counts[1][i]))
+                          for i, h in enumerate(found)]
+            elif d == "proponents":
+                out[d] = [Ranked(h, len(h) if len(h) < k else None, None) for h in found]
+            else:
+                out[d] = [Ranked(h, None, len(h) if len(h) < k else None) for h in found]
         return out
 
     def _sign_counts(self, q: np.ndarray, include: np.ndarray | None,

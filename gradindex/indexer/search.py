@@ -9,6 +9,8 @@ the stored vectors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ __all__ = [
     "DIRECTIONS",
     "EXACT_SCAN_LIMIT",
     "IdRows",
+    "Scan",
     "Searcher",
     "as_queries",
     "check_search",
@@ -35,7 +38,23 @@ DIRECTIONS = ("proponents", "opponents")
 SCORE_WINDOW = 65536
 """Rows multiplied at once by :meth:`Searcher.scores` (bounds the memory of a full scan)."""
 
+SCAN_BYTES = 64 * 1024 * 1024
+"""Memory of the score block ``[Q, window]`` of one step of :meth:`Searcher.scan`."""
+
 Vectors = np.ndarray | ScaledRows
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What one exact pass over the searched rows tells about each query."""
+
+    top: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per direction, ``(scores, ids)`` ``[Q, k]`` strongest first (ids -1 and scores ∓inf
+    where fewer rows were searched)."""
+    positives: np.ndarray
+    """``[Q]`` searched rows scoring > 0."""
+    negatives: np.ndarray
+    """``[Q]`` searched rows scoring < 0."""
 
 
 def check_search(k: int, direction: str) -> None:
@@ -191,6 +210,77 @@ class Searcher:
             s, ids = self.rerank(signed, candidates, k)
         return sign * s, ids
 
+    def scannable(self, include: np.ndarray | None) -> bool:
+        """Whether a search restricted to ``include`` (None: every row) is an exact scan
+        (:meth:`scan`) rather than a FAISS search."""
+        return self.index is None or (include is not None and len(include) <= self.scan_limit)
+
+    def scan(
+        self, queries: np.ndarray, k: int, *, directions: Sequence[str] = DIRECTIONS,
+        include: np.ndarray | None = None, exclude: np.ndarray | None = None,
+        skip: np.ndarray | None = None,
+    ) -> Scan:
+        """Exact top-``k`` in each of ``directions`` and the sign counts of every query, from
+        one pass of matrix products over the searched rows (the scores are computed once,
+        whatever is asked of them; the memmap is read in file order).
+
+        Args:
+            queries: ``[Q, dim]`` float32.
+            k: results per query and direction.
+            include: only these example ids are searched (sorted or not); None: every row.
+            exclude: these example ids are not searched (deleted examples).
+            skip: ``[Q]`` per query an example id it must not see (-1: none).
+        """
+        for d in directions:
+            check_search(k, d)
+        q = np.asarray(queries, dtype=np.float32)
+        n_q = len(q)
+        if include is not None:
+            rows = np.sort(self.rows.rows(np.asarray(include, dtype=np.int64)))
+            if exclude is not None and len(exclude):
+                rows = rows[~np.isin(self.rows.ids[rows], exclude)]
+            total = len(rows)
+        else:
+            rows, total = None, self.count
+        dead = (None if rows is not None or exclude is None or not len(exclude)
+                else np.isin(self.rows.ids, exclude))
+        skipped = np.full(n_q, -1, np.int64) if skip is None else np.asarray(skip, np.int64)
+        window = max(1024, min(SCORE_WINDOW, SCAN_BYTES // (4 * max(n_q, 1))))
+        best = {d: (np.zeros((n_q, 0), np.float32), np.zeros((n_q, 0), np.int64))
+                for d in directions}
+        positives = np.zeros(n_q, np.int64)
+        negatives = np.zeros(n_q, np.int64)
+        for lo in range(0, total, window):
+            if rows is None:
+                cand = np.arange(lo, min(lo + window, total), dtype=np.int64)
+                block = np.asarray(self.vectors[lo : lo + window], dtype=np.float32)
+            else:
+                cand = rows[lo : lo + window]
+                block = np.asarray(self.vectors[cand], dtype=np.float32)
+            s = q @ block.T  # [Q, window]
+            off = np.zeros(s.shape, dtype=bool)
+            if dead is not None:
+                off[:, dead[cand]] = True
+            off |= self.rows.ids[cand][None, :] == skipped[:, None]
+            s[off] = np.nan  # neither counted nor ranked
+            positives += (s > 0).sum(axis=1)
+            negatives += (s < 0).sum(axis=1)
+            for d in directions:
+                signed = s if d == "proponents" else -s
+                signed = np.where(off, -np.inf, signed)
+                best[d] = _merge_top(best[d], signed, cand, k)
+        top = {}
+        for d, (b_s, b_r) in best.items():
+            order = np.argsort(-b_s, axis=1, kind="stable")
+            b_s = np.take_along_axis(b_s, order, axis=1)
+            b_r = np.take_along_axis(b_r, order, axis=1)
+            ids = np.where(np.isfinite(b_s), self.rows.ids[np.maximum(b_r, 0)], -1)
+            pad = k - b_s.shape[1]
+            b_s = np.pad(b_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            top[d] = (b_s if d == "proponents" else -b_s, ids)
+        return Scan(top, positives, negatives)
+
     def _scan(self, signed: np.ndarray, k: int, sign: float, exclude: np.ndarray | None
               ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` over all rows, read in file order (contiguous blocks of the
@@ -233,3 +323,16 @@ class Searcher:
             out[:, lo : lo + len(part)] = queries @ np.asarray(self.vectors[part],
                                                                 dtype=np.float32).T
         return out
+
+
+def _merge_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, rows: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` highest of ``best`` (scores, rows) ``[Q, ≤k]`` and a new block ``scores``
+    ``[Q, B]`` of ``rows [B]``, unordered."""
+    all_s = np.concatenate([best[0], scores], axis=1)
+    all_r = np.concatenate([best[1], np.broadcast_to(rows, scores.shape)], axis=1)
+    take = min(k, all_s.shape[1])
+    if take == all_s.shape[1]:
+        return all_s, all_r
+    part = np.argpartition(-all_s, take - 1, axis=1)[:, :take]
+    return np.take_along_axis(all_s, part, axis=1), np.take_along_axis(all_r, part, axis=1)

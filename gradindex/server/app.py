@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from gradindex import __version__
 from gradindex.indexer.store import connect
@@ -152,6 +153,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         # A fresh SQLite file is migrated; PostgreSQL never is (several replicas would race
         # their upgrades): an unmigrated one is refused, naming `gradindex db upgrade`.
         await asyncio.to_thread(connect, settings.storage())
+        if settings.search_threads:
+            # Process-wide, for numpy's BLAS only (torch's model passes keep their threads).
+            threadpool_limits(settings.search_threads, user_api="blas")
         await registry.start()
         if not settings.auth_required:
             log.warning("API keys are off (GRADINDEX_AUTH=off): anyone on this machine can "

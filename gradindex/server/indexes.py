@@ -32,6 +32,7 @@ from gradindex.indexer.settings import check_name
 from gradindex.indexer.store import connect, current_version
 from gradindex.indexer.task import TaskAdapter
 
+from .batcher import SearchBatcher
 from .errors import IndexUnavailable, is_outage
 from .metrics import Metrics
 from .settings import ServerSettings
@@ -95,6 +96,8 @@ class Served:
     """The worker's :func:`model_key`."""
     checked: float
     """When it was last confirmed to be the current version (monotonic seconds)."""
+    searches: SearchBatcher
+    """Ranks the searches of concurrent requests on this version together."""
 
     @property
     def featurizer(self) -> Featurizer:
@@ -264,7 +267,7 @@ class IndexRegistry:
                 raise  # the database or the disk is down, not the index: 503, retried at once
             raise self._refuse(name, version, exc) from exc
         previous = self._served.get(name)
-        served = Served(index, worker, key, now)
+        served = Served(index, worker, key, now, SearchBatcher(index, metrics=self.metrics))
         self._served[name] = served
         self._refused.pop(name, None)
         if previous is not None and previous.index.version != index.version:

@@ -34,6 +34,10 @@ class Metrics:
         self.batch_requests = Histogram(
             "gradindex_batch_requests", "Requests served by one model pass.", ["model"],
             buckets=BATCH_BUCKETS, registry=self.registry)
+        self.search_queries = Histogram(
+            "gradindex_search_queries", "Query vectors per ranking of an index (requests "
+            "waiting together are ranked at once).", ["index"], buckets=BATCH_BUCKETS,
+            registry=self.registry)
         self.pass_seconds = Histogram(
             "gradindex_pass_seconds", "Duration of one model pass (query gradients).", ["model"],
             buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -86,6 +86,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+INLINE_HITS = 256
+"""An influence answer of at most this many hits (not rendered) is built on the event loop."""
+
+
 def get_registry(request: Request) -> IndexRegistry:
     registry: IndexRegistry = request.app.state.registry
     return registry
@@ -200,12 +204,26 @@ async def _queries(served: Served, examples: Sequence[dict[str, Any]],
                    settings: ServerSettings, request: Request) -> torch.Tensor:
     """The query vectors ``[Q, dim]`` of ``examples``, one model pass per batch; a request
     whose client has gone stops at the next batch."""
+    return (await _queries_and_predictions(served, examples, settings, request, False))[0]
+
+
+async def _queries_and_predictions(
+    served: Served, examples: Sequence[dict[str, Any]], settings: ServerSettings,
+    request: Request, predict: bool = True,
+) -> tuple[torch.Tensor, list[Prediction]]:
+    """:func:`_queries`, and with ``predict`` the model's view of each example, made on the
+    same visits to the device worker."""
     _check_examples(examples, settings)
-    parts = []
+    parts, predicted = [], []
     for start, chunk in _batches(examples, settings):
         await _stop_if_gone(request, start, len(examples))
-        parts.append(await served.worker.query(chunk))
-    return torch.cat(parts)
+        if predict:
+            vectors, views = await served.worker.query_and_predict(chunk)
+            predicted.extend(views)
+        else:
+            vectors = await served.worker.query(chunk)
+        parts.append(vectors)
+    return torch.cat(parts), predicted
 
 
 def _relative_ranks_exactly(manifest: dict[str, Any]) -> bool:
@@ -345,18 +363,22 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
                               f"request, got {len(body.ids)}; split the request")
         rows, q = await run_in_threadpool(index.stored_queries, body.ids)
         stored = await run_in_threadpool(index.examples.by_id, body.ids)
-        payloads: list[Any] = [stored[i].payload for i in body.ids]
         skip = None if body.include_self else [int(r) for r in rows]
         names: list[str | None] = list(body.ids)
+        predicted, found = await asyncio.gather(  # the model's view beside the search
+            _predict(served, [stored[i].payload for i in body.ids]),
+            served.searches.rank(q, body.k, directions=directions, filter=body.filter,
+                                 normalize=body.normalize, skip=skip))
     else:
         examples = body.examples or []
-        q = (await _queries(served, examples, settings, request)).numpy()
-        payloads, names = list(examples), [None] * len(examples)
-    predicted = await _predict(served, payloads)
+        vectors, predicted = await _queries_and_predictions(served, examples, settings,
+                                                            request)
+        q = vectors.numpy()
+        names = [None] * len(examples)
+        found = await served.searches.rank(q, body.k, directions=directions,
+                                           filter=body.filter, normalize=body.normalize)
 
-    def search() -> list[InfluenceResult]:
-        found = {d: index.rank(q, body.k, direction=d, filter=body.filter,
-                               normalize=body.normalize, skip=skip) for d in directions}
+    def respond() -> list[InfluenceResult]:
         shown = served if body.render else None
         results = []
         for i in range(len(q)):
@@ -370,7 +392,10 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
                 **{d: [_example(h, shown) for h in found[d][i].hits] for d in directions}))
         return results
 
-    results = await run_in_threadpool(search)
+    # a small answer without the task's own code (render) is built on the event loop: a hop
+    # to a thread would cost more than the work
+    small = not body.render and len(q) * body.k * len(directions) <= INLINE_HITS
+    results = respond() if small else await run_in_threadpool(respond)
     return InfluenceResponse(index=index.name, version=index.version, results=results)
 
 

@@ -52,8 +52,15 @@ class ServerSettings(Settings):
     max_batch: int = Field(default=64, ge=1, le=4096,
                            description="Examples per model pass at most.")
     max_wait_ms: float = Field(
-        default=5.0, ge=0, le=10_000,
-        description="How long a pass waits for more queries to batch.")
+        default=0.0, ge=0, le=10_000,
+        description="How long a pass waits for more queries to batch; 0 starts at once "
+                    "(the queries that arrive during a pass form the next one).")
+    search_threads: int = Field(
+        default=1, ge=0, le=1024,
+        description="BLAS threads of the vector search (process-wide for numpy). The "
+                    "searches of concurrent requests are ranked together on one thread, "
+                    "beside the model passes' thread; one BLAS thread each keeps them from "
+                    "fighting over the cores. 0 leaves BLAS's own default.")
     queue_size: int = Field(
         default=256, ge=1, le=1_000_000,
         description="Requests waiting per device worker; beyond it the server answers 503.")

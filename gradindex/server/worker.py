@@ -1,12 +1,13 @@
 """The device worker: owns one model on its device and micro-batches the queries sent to it.
 
 Requests wait in a bounded queue; one loop takes up to ``max_batch`` examples (waiting at most
-``max_wait`` for more to arrive), computes their query vectors in one model pass on the
-worker's own thread, and hands each request its rows. A full queue is refused at once
-(:class:`~.errors.Overloaded`, 503 with ``Retry-After``). When a pass fails, its requests
-are retried one by one, so a bad payload fails only its own request. A worker whose model no
-served index uses any more is retired with :meth:`DeviceWorker.close`: it refuses new requests,
-finishes the waiting ones, and frees its thread.
+``max_wait`` for more to arrive; by default not at all, so a lone request starts at once and
+the requests that arrive during a pass form the next one), computes their query vectors in
+one model pass on the worker's own thread, and hands each request its rows. A full queue is
+refused at once (:class:`~.errors.Overloaded`, 503 with ``Retry-After``). When a pass fails,
+its requests are retried one by one, so a bad payload fails only its own request. A worker
+whose model no served index uses any more is retired with :meth:`DeviceWorker.close`: it
+refuses new requests, finishes the waiting ones, and frees its thread.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Job:
     payloads: list[dict[str, Any]]
-    future: asyncio.Future[torch.Tensor]
+    future: asyncio.Future[tuple[torch.Tensor, list[Prediction] | None]]
+    predict: bool = False
+    """Whether the request also wants the model's predictions (made on the same visit to the
+    worker's thread)."""
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -54,7 +58,7 @@ class DeviceWorker:
     """
 
     def __init__(self, name: str, featurizer: Featurizer, *, max_batch: int = 64,
-                 max_wait_s: float = 0.005, queue_size: int = 256, retry_after_s: int = 1,
+                 max_wait_s: float = 0.0, queue_size: int = 256, retry_after_s: int = 1,
                  metrics: Metrics | None = None) -> None:
         self.name = name
         self.featurizer = featurizer
@@ -135,10 +139,27 @@ class DeviceWorker:
             Overloaded: the queue is full.
             TaskError: the task rejected a payload, or its loss was not finite.
         """
+        return (await self._submit(payloads, predict=False))[0]
+
+    async def query_and_predict(self, payloads: Sequence[dict[str, Any]]
+                                ) -> tuple[torch.Tensor, list[Prediction]]:
+        """:meth:`query`, and the model's prediction, confidence and loss of each payload
+        (:meth:`predict`), made on the same visit to the worker's thread.
+
+        Raises:
+            Overloaded: the queue is full.
+            TaskError: the task rejected a payload, or its loss was not finite.
+        """
+        vectors, predicted = await self._submit(payloads, predict=True)
+        assert predicted is not None
+        return vectors, predicted
+
+    async def _submit(self, payloads: Sequence[dict[str, Any]], *, predict: bool
+                      ) -> tuple[torch.Tensor, list[Prediction] | None]:
         if self._closing or self._loop_task is None or self._loop_task.done():
             raise Overloaded(f"the device worker of {self.name!r} is not running",
                              self.retry_after_s)
-        job = _Job(list(payloads), asyncio.get_running_loop().create_future())
+        job = _Job(list(payloads), asyncio.get_running_loop().create_future(), predict)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -230,8 +251,10 @@ class DeviceWorker:
         self.metrics.batch_examples.labels(self.name).observe(len(payloads))
         self.metrics.batch_requests.labels(self.name).observe(len(batch))
         started = time.perf_counter()
+        predict = [p for job in batch if job.predict for p in job.payloads]
         try:
-            vectors = await loop.run_in_executor(self._executor, self._featurize, payloads)
+            vectors, predicted = await loop.run_in_executor(self._executor, self._featurize,
+                                                            payloads, predict)
         except Exception as exc:  # noqa: BLE001 - sorted out request by request below
             if len(batch) == 1:
                 _fail(batch[0], _as_request_error(exc, self.retry_after_s))
@@ -242,18 +265,27 @@ class DeviceWorker:
                 await self._process([job])
             return
         self.metrics.pass_seconds.labels(self.name).observe(time.perf_counter() - started)
-        lo = 0
+        lo = at = 0
         for job in batch:
             rows = vectors[lo : lo + len(job.payloads)]
             lo += len(job.payloads)
+            mine = None
+            if job.predict:
+                mine = predicted[at : at + len(job.payloads)]
+                at += len(job.payloads)
             if not job.future.done():
-                job.future.set_result(rows)
+                job.future.set_result((rows, mine))
 
-    def _featurize(self, payloads: list[dict[str, Any]]) -> torch.Tensor:
-        """Runs on the worker's thread: the model pass(es), ``max_batch`` examples at a time."""
+    def _featurize(self, payloads: list[dict[str, Any]], predict: list[dict[str, Any]]
+                   ) -> tuple[torch.Tensor, list[Prediction]]:
+        """Runs on the worker's thread: the model pass(es), ``max_batch`` examples at a time,
+        then the no-grad predictions of ``predict`` (never an error: None where they fail)."""
         parts = [self.featurizer.query(payloads[lo : lo + self.max_batch])
                  for lo in range(0, len(payloads), self.max_batch)]
-        return torch.cat(parts).detach().cpu()
+        vectors = torch.cat(parts).detach().cpu()
+        predicted = [p for lo in range(0, len(predict), self.max_batch)
+                     for p in predictions(self.featurizer, predict[lo : lo + self.max_batch])]
+        return vectors, predicted
 
 
 def _fail(job: _Job, exc: BaseException) -> None:
