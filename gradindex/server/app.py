@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -200,8 +201,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
 def app_for_worker() -> FastAPI:
     """The app of one worker process of ``gradindex serve --workers N`` (uvicorn's factory):
-    the settings ``run`` was given, handed over as JSON in the environment."""
-    return create_app(ServerSettings.model_validate_json(os.environ[SETTINGS_VARIABLE]))
+    the settings ``run`` was given, handed over as JSON in the environment. Each process's
+    model passes get an N-th of the cores (``torch.set_num_threads``), so N processes do not
+    run N times as many threads as there are cores."""
+    settings = ServerSettings.model_validate_json(os.environ[SETTINGS_VARIABLE])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    return create_app(settings)
 
 
 def run(settings: ServerSettings, **uvicorn_options: Any) -> None:
