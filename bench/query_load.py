@@ -1,7 +1,7 @@
 """Query latency and throughput of a running server, side by side with the same queries done
 in process (no HTTP): the ratio is what the service costs on top of the indexer.
 
-At each concurrency c (1, 8, 32), c client threads each send single-example ``/influence``
+At each concurrency c (1, 8, 32, 128), c client threads each send single-example ``/influence``
 requests (k = 10, proponents) in a loop. The in-process column runs the same work the way the
 device worker does at best: c examples featurized in one model pass, then searched, so its
 latency is one such round and its throughput c per round.
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--url", default=os.environ.get("GRADINDEX_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--api-key", default=os.environ.get("GRADINDEX_API_KEY"))
     parser.add_argument("--index", default="digits")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--requests", type=int, default=2000,
                         help="Requests per concurrency level (split across clients).")
     parser.add_argument("--quick", action="store_true", help="About 300 requests per level.")
@@ -173,7 +173,7 @@ def main() -> None:
     rows = []
     one_client: float | None = None
     for clients in args.concurrency:
-        per_client = max(1, total // clients)
+        per_client = max(3, total // clients)
         http = over_http(args.url, args.api_key, args.index, payloads, clients, per_client)
         local = in_process(index, featurizer, payloads, clients, max(3, per_client))
         if clients == 1:
