@@ -24,6 +24,7 @@ its HNSW build at 1e6 dominates the run time (see the README note printed at the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -149,15 +150,18 @@ def clustered(path: Path, n: int, dim: int, clusters: int = 4096, seed: int = 0,
     return np.load(path, mmap_mode="r"), queries.astype(np.float32)
 
 
-def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path) -> list[str]:
-    """The IVF-PQ table's lines, one size at a time (the matrix is deleted after each)."""
+def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path,
+               nprobes: list[int]) -> list[str]:
+    """The IVF-PQ table's lines, one size at a time (the matrix is deleted after each), one
+    line per ``nprobe`` searched on the same index."""
     import psutil
 
     from gradindex.indexer.store import exact_topk
 
     proc = psutil.Process()
-    head = (f"{'n':>11} {'dim':>4} {'nlist':>6} {'build s':>8} {'faiss MB':>9} {'matrix MB':>10} "
-            f"{'RSS MB':>7} {'p50 ms':>7} {'p99 ms':>7} {'R@10 rr':>8} {'exact ms':>9}")
+    head = (f"{'n':>11} {'dim':>4} {'nlist':>6} {'nprobe':>6} {'build s':>8} {'faiss MB':>9} "
+            f"{'matrix MB':>10} {'RSS MB':>7} {'p50 ms':>7} {'p99 ms':>7} {'R@10 rr':>8} "
+            f"{'exact ms':>9}")
     lines = [head, "-" * len(head)]
     for n in sizes:
         path = scratch / f"clustered-{n}.npy"
@@ -175,19 +179,22 @@ def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path) -> list[str]:
         t = time.perf_counter()
         _, truth = exact_topk(vectors, None, queries, K, window=1 << 20)
         exact_ms = 1e3 * (time.perf_counter() - t) / len(queries)
-        found, latency = 0, []
-        for i in range(len(queries)):
-            t = time.perf_counter()
-            got = search(index, cfg, vectors, queries[i : i + 1])[0]
-            latency.append(time.perf_counter() - t)
-            found += len(set(got.tolist()) & set(truth[i].tolist()))
-        recall = found / (K * len(queries))
-        lines.append(
-            f"{n:>11,} {dim:>4} {nlist:>6} {build_s:>8.1f} {faiss_mb:>9.1f} "
-            f"{vectors.nbytes / 2**20:>10.1f} {rss:>7.0f} "
-            f"{1e3 * float(np.percentile(latency, 50)):>7.2f} "
-            f"{1e3 * float(np.percentile(latency, 99)):>7.2f} {recall:>8.3f} {exact_ms:>9.1f}")
-        log.info("%s", lines[-1])
+        for nprobe in nprobes:
+            probed = dataclasses.replace(cfg, nprobe=nprobe)
+            found, latency = 0, []
+            for i in range(len(queries)):
+                t = time.perf_counter()
+                got = search(index, probed, vectors, queries[i : i + 1])[0]
+                latency.append(time.perf_counter() - t)
+                found += len(set(got.tolist()) & set(truth[i].tolist()))
+            recall = found / (K * len(queries))
+            lines.append(
+                f"{n:>11,} {dim:>4} {nlist:>6} {nprobe:>6} {build_s:>8.1f} {faiss_mb:>9.1f} "
+                f"{vectors.nbytes / 2**20:>10.1f} {rss:>7.0f} "
+                f"{1e3 * float(np.percentile(latency, 50)):>7.2f} "
+                f"{1e3 * float(np.percentile(latency, 99)):>7.2f} {recall:>8.3f} "
+                f"{exact_ms:>9.1f}")
+            log.info("%s", lines[-1])
         del index, vectors
         path.unlink()
     return lines
@@ -200,12 +207,15 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: tmp)")
     parser.add_argument("--ivfpq", action="store_true",
                         help="IVF-PQ over a memory-mapped matrix at 1e6 and 1e7, dim 64")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[32, 128, 512],
+                        help="--ivfpq: inverted lists visited per query, one line each")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.ivfpq:
         scratch = Path(tempfile.mkdtemp(prefix="gradindex-bench-", dir=args.dir))
         try:
-            lines = ivfpq_rows(args.sizes or [1_000_000, 10_000_000], 64, 16, scratch)
+            lines = ivfpq_rows(args.sizes or [1_000_000, 10_000_000], 64, 16, scratch,
+                               args.nprobe)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         print("\n".join(lines))
