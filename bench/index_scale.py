@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import shutil
 import tempfile
@@ -150,16 +151,18 @@ def clustered(path: Path, n: int, dim: int, clusters: int = 4096, seed: int = 0,
     return np.load(path, mmap_mode="r"), queries.astype(np.float32)
 
 
-def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path,
-               nprobes: list[int]) -> list[str]:
+def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path, nprobes: list[int],
+               oversamples: list[int]) -> list[str]:
     """The IVF-PQ table's lines, one size at a time (the matrix is deleted after each), one
-    line per ``nprobe`` searched on the same index."""
+    line per ``nprobe`` and ``oversample`` (candidates re-ranked per result) searched on the
+    same index."""
     import psutil
 
     from gradindex.indexer.store import exact_topk
 
     proc = psutil.Process()
-    head = (f"{'n':>11} {'dim':>4} {'nlist':>6} {'nprobe':>6} {'build s':>8} {'faiss MB':>9} "
+    head = (f"{'n':>11} {'dim':>4} {'nlist':>6} {'nprobe':>6} {'over':>4} {'build s':>8} "
+            f"{'faiss MB':>9} "
             f"{'matrix MB':>10} {'RSS MB':>7} {'p50 ms':>7} {'p99 ms':>7} {'R@10 rr':>8} "
             f"{'exact ms':>9}")
     lines = [head, "-" * len(head)]
@@ -179,8 +182,8 @@ def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path,
         t = time.perf_counter()
         _, truth = exact_topk(vectors, None, queries, K, window=1 << 20)
         exact_ms = 1e3 * (time.perf_counter() - t) / len(queries)
-        for nprobe in nprobes:
-            probed = dataclasses.replace(cfg, nprobe=nprobe)
+        for nprobe, oversample in itertools.product(nprobes, oversamples):
+            probed = dataclasses.replace(cfg, nprobe=nprobe, oversample=oversample)
             found, latency = 0, []
             for i in range(len(queries)):
                 t = time.perf_counter()
@@ -189,7 +192,8 @@ def ivfpq_rows(sizes: list[int], dim: int, pq: int, scratch: Path,
                 found += len(set(got.tolist()) & set(truth[i].tolist()))
             recall = found / (K * len(queries))
             lines.append(
-                f"{n:>11,} {dim:>4} {nlist:>6} {nprobe:>6} {build_s:>8.1f} {faiss_mb:>9.1f} "
+                f"{n:>11,} {dim:>4} {nlist:>6} {nprobe:>6} {oversample:>4} {build_s:>8.1f} "
+                f"{faiss_mb:>9.1f} "
                 f"{vectors.nbytes / 2**20:>10.1f} {rss:>7.0f} "
                 f"{1e3 * float(np.percentile(latency, 50)):>7.2f} "
                 f"{1e3 * float(np.percentile(latency, 99)):>7.2f} {recall:>8.3f} "
@@ -209,13 +213,15 @@ def main() -> None:
                         help="IVF-PQ over a memory-mapped matrix at 1e6 and 1e7, dim 64")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[32, 128, 512],
                         help="--ivfpq: inverted lists visited per query, one line each")
+    parser.add_argument("--oversample", type=int, nargs="+", default=[4, 16, 64],
+                        help="--ivfpq: candidates fetched per result and re-ranked exactly")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.ivfpq:
         scratch = Path(tempfile.mkdtemp(prefix="gradindex-bench-", dir=args.dir))
         try:
             lines = ivfpq_rows(args.sizes or [1_000_000, 10_000_000], 64, 16, scratch,
-                               args.nprobe)
+                               args.nprobe, args.oversample)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         print("\n".join(lines))
