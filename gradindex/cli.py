@@ -54,11 +54,13 @@ if TYPE_CHECKING:
     Shape: TypeAlias = str
     Fisher: TypeAlias = str
     FaissKind: TypeAlias = str
+    StoreKind: TypeAlias = str
 else:  # typer offers a Literal's values as the option's choices
     Compressor = Literal[tuple(COMPRESSORS)]
     Shape = Literal[tuple(SHAPES)]
     Fisher = Literal[FISHER_CHOICES]
     FaissKind = Literal[FAISS_KINDS]
+    StoreKind = Literal["faiss", "milvus"]  # gradindex.indexer.store.milvus.STORES
 
 __all__ = ["app", "check_listen", "demo_settings", "demo_url", "main", "parse_task_args"]
 
@@ -252,6 +254,12 @@ def build_cmd(
         show_default="unset: full codes",
         help="`ivf` only: product-quantized codes of PQ bytes per vector (PQ divides the "
              "dimension); results are re-ranked exactly from the stored vectors.")] = None,
+    store: Annotated[StoreKind | None, typer.Option(
+        show_default="the index's current store, else faiss",
+        help="Where the vectors are searched: faiss (files beside them) or milvus (a "
+             "collection in GRADINDEX_VECTOR_STORE, a Milvus server URL or a milvus-lite "
+             "file; default: milvus.db in the data directory), indexed as --faiss asks.")
+    ] = None,
     shard: Annotated[str | None, typer.Option(
         metavar="i/n", show_default="RANK/WORLD_SIZE under torchrun, else 0/1",
         help="Stage only shard i of n.")] = None,
@@ -269,7 +277,7 @@ def build_cmd(
         preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
                                             fisher_budget=fisher_budget or None,
                                             damping=damping),
-        faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), shard=i, shards=n,
+        faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), store=store, shard=i, shards=n,
         chunk_size=chunk_size, window=window,
     )
     settings = _settings()
@@ -311,13 +319,19 @@ def add_cmd(
 
 
 @app.command("finalize")
-def finalize_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+def finalize_cmd(
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    store: Annotated[StoreKind | None, typer.Option(
+        show_default="the index's current store, else faiss",
+        help="Where the vectors are searched: faiss or milvus (see `build --help`).")
+    ] = None,
+) -> None:
     """Merge every staged shard of an index, fit the preconditioner and publish."""
     from .indexer.build import finalize
 
     settings = _settings()
     with _progress() as progress:
-        version = finalize(settings, name, progress=progress)
+        version = finalize(settings, name, progress=progress, store=store)
     err.print(f"index {name!r} version {version} published")
 
 

@@ -27,12 +27,13 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -443,32 +444,39 @@ def write_collection(
     fields.add_field("vectors", pymilvus.DataType.FLOAT_VECTOR, dim=dim)
     fields.add_field("relative", pymilvus.DataType.FLOAT_VECTOR, dim=dim)
     layout.add_fields(fields, pymilvus.DataType)
-    try:
+    refused = f"index {name!r}: Milvus ({_shown(uri)}) refused to write collection {collection}"
+    with _refusal(refused):
         client.create_collection(collection, schema=fields)
-        batch = max(1, INSERT_BYTES // (8 * dim))
-        for lo in range(0, n, batch):
-            hi = min(lo + batch, n)
-            block = np.asarray(vectors[lo:hi], dtype=np.float32)
-            relative = block * scale[lo:hi, None]
-            metas = _metadata(engine, version_id, lo, hi)
-            rows = [{"id": int(ids[lo + i]), "vectors": block[i], "relative": relative[i],
-                     **layout.row(metas[i])} for i in range(hi - lo)]
+    batch = max(1, INSERT_BYTES // (8 * dim))
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        block = np.asarray(vectors[lo:hi], dtype=np.float32)
+        relative = block * scale[lo:hi, None]
+        metas = _metadata(engine, version_id, lo, hi)
+        rows = [{"id": int(ids[lo + i]), "vectors": block[i], "relative": relative[i],
+                 **layout.row(metas[i])} for i in range(hi - lo)]
+        with _refusal(refused):
             client.insert(collection, rows)
-            after_batch(hi)
+        after_batch(hi)
+    with _refusal(refused):
         client.flush(collection)
         client.create_index(collection, _index_params(client, config, n))
         client.load_collection(collection)
         stored = _count(client, collection)
-    except GradindexError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds
-        raise StorageError(f"index {name!r}: Milvus ({_shown(uri)}) refused to write collection "
-                           f"{collection} ({type(exc).__name__}: {exc})") from exc
     if stored != n:
         raise StorageError(f"index {name!r}: Milvus holds {stored} rows in {collection}, "
                            f"{n} were written")
     return {"kind": "milvus", "collection": collection, "count": n,
             "index": _index_kind(config), "metadata": layout.to_json()}
+
+
+@contextlib.contextmanager
+def _refusal(message: str) -> Iterator[None]:
+    """Milvus's errors (of many kinds) as a :class:`StorageError` that says what failed."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds
+        raise StorageError(f"{message} ({type(exc).__name__}: {exc})") from exc
 
 
 def _index_kind(config: FaissConfig) -> str:
