@@ -9,7 +9,8 @@ then publish in one transaction (DESIGN §2).
 2. :meth:`Finalizer.fit_preconditioner`: one streaming pass over the staged Fisher rows.
 3. :meth:`Finalizer.write_vectors`: a second pass writes preconditioned vectors,
    self-influence and the SQL rows.
-4. :meth:`Finalizer.write_faiss`: the FAISS index and its relative-influence twin.
+4. :meth:`Finalizer.write_faiss`: the FAISS index and its relative-influence twin, or (``--store
+   milvus``) the version's Milvus collection, written and loaded before the publish.
 5. :meth:`Finalizer.write_manifest`.
 6. :meth:`Finalizer.publish`: fsync, rename ``.tmp-v<id>`` → ``v<id>``, one transaction
    makes the version current, and the settings used become those a plain finalize reuses.
