@@ -427,6 +427,34 @@ def verify_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None
               f"it with `gradindex refinalize {name}`")
     err.print(f"index {name!r} version {number}: {len(manifest['checksums'])} files match "
               "their checksums", highlight=False, soft_wrap=True)
+    _verify_collection(settings, name, number, manifest)
+
+
+def _verify_collection(settings: Settings, name: str, number: int,
+                       manifest: dict[str, Any]) -> None:
+    """``--store milvus``: the version's collection is there, loaded, with every row; the
+    collections of publishes that died are dropped (unless a finalize runs now)."""
+    from .indexer.store import connect, file_lock
+    from .indexer.store.milvus import clean_collections, open_version
+
+    entry = manifest.get("store") or {}
+    try:
+        with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of {name!r}"):
+            dropped = clean_collections(vector_store=settings.vector_store,
+                                        data_dir=settings.data_dir, engine=connect(settings),
+                                        name=name)
+    except GradindexError:
+        dropped = []  # a finalize runs: its collection is not an orphan
+    if dropped:
+        err.print(f"index {name!r}: dropped {len(dropped)} Milvus collection(s) of publishes "
+                  f"that did not finish: {', '.join(dropped)}", highlight=False, soft_wrap=True)
+    if entry.get("kind") != "milvus":
+        return
+    version = open_version(vector_store=settings.vector_store, data_dir=settings.data_dir,
+                           entry=entry, label=f"index {name!r} version {number}",
+                           remedy=f"rebuild it with `gradindex refinalize {name}`")
+    err.print(f"index {name!r} version {number}: Milvus collection {version.collection} holds "
+              f"its {version.count} rows", highlight=False, soft_wrap=True)
 
 
 @app.command("repair")
@@ -453,8 +481,14 @@ def repair_cmd(
 def delete_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """Delete an index: its versions, rows and staged gradients."""
     from .indexer.admin import delete_index
+    from .indexer.store import connect
+    from .indexer.store.milvus import drop_orphan_collections, index_versions, milvus_uri
 
-    delete_index(_settings(), name)
+    settings = _settings()
+    _, milvus = index_versions(connect(settings), name)
+    delete_index(settings, name)
+    if milvus:  # no version of it is left: every collection of it goes
+        drop_orphan_collections(milvus_uri(settings.vector_store, settings.data_dir), name, [])
     err.print(f"index {name!r} deleted")
 
 

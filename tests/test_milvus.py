@@ -71,8 +71,8 @@ def meta_of(n: int) -> dict[str, Any]:
 class MetaTask(SequenceTask):
     """Sequences whose metadata is :func:`meta_of` their position."""
 
-    def __init__(self) -> None:
-        super().__init__(n=N)
+    def __init__(self, n: int = N) -> None:
+        super().__init__(n=n)
 
     def examples(self) -> list[tuple[str, dict[str, Any]]]:
         return [(i, {**p, "n": n}) for n, (i, p) in enumerate(super().examples())]
@@ -225,6 +225,73 @@ def test_deleted_examples_never_return(settings: Settings, stores: tuple[Index, 
             assert not {h.external_id for h in r} & set(gone)
 
 
+def brute_force(index: Index, q: np.ndarray, k: int, filter: Any = None
+                ) -> list[list[str]]:
+    """The exact top-``k`` external ids, from every live example's exact score."""
+    names, scores = index.scores(q)
+    keep = np.ones(len(names), bool)
+    if filter is not None:
+        allowed = {h.external_id for h in index.self_influence(index.count, filter=filter)}
+        keep = np.asarray([n in allowed for n in names])
+    out = []
+    for row in scores:
+        order = [j for j in np.argsort(-row, kind="stable") if keep[j]]
+        out.append([names[j] for j in order[:k]])
+    return out
+
+
+def test_add_to_a_milvus_backed_index_publishes_to_milvus(tmp_path: Path) -> None:
+    from gradindex.indexer.append import add
+    from gradindex.indexer.task import TaskSpec
+
+    settings = Settings(data_dir=tmp_path / "data")
+    build(BuildConfig(name="grow", task="tests.test_milvus:MetaTask", store="milvus",
+                      compression=CompressionConfig(batch_size=8)), settings)
+    done = add(settings, "grow", TaskSpec("tests.test_milvus:MetaTask", {"n": N + 10}))
+    assert done.added == 10
+    index = open_index("grow", settings)
+    assert index.store is not None and index.manifest["store"]["count"] == N + 10
+    q = queries(index, 3)
+    new = {"$and": [{"extra": {"$gte": N}}, {"label": {"$in": [0, 1]}}]}
+    hits = index.search(q, K, filter=new, direction="proponents")
+    assert all({int(h.meta["extra"]) for h in r} <= set(range(N, N + 10, 2)) for r in hits)
+    assert ([[h.external_id for h in r.hits] for r in index.rank(q, K, signed=False)]
+            == brute_force(index, q, K))
+    assert ([[h.external_id for h in r.hits] for r in index.rank(q, K, filter=new,
+                                                                 signed=False)]
+            == brute_force(index, q, K, filter=new))
+    close_clients()
+
+
+def test_approximate_milvus_index_reranks_to_exact_scores(tmp_path: Path) -> None:
+    """HNSW in Milvus: candidates re-ranked from the matrix; recall@k against exact search."""
+    from gradindex.indexer.store import FaissConfig
+
+    settings = Settings(data_dir=tmp_path / "data")
+    build(BuildConfig(name="ann", task="tests.test_milvus:MetaTask", store="milvus",
+                      faiss=FaissConfig(kind="hnsw"),
+                      compression=CompressionConfig(batch_size=8)), settings)
+    index = open_index("ann", settings)
+    assert index.manifest["store"]["index"] == "HNSW" and index.store is not None
+    assert not index.store.exact
+    for field in ("vectors", "relative"):
+        described = _client(index.store.uri).describe_index(index.store.collection, field)
+        assert described["index_type"] == "HNSW" and described["metric_type"] == "IP"
+    q = queries(index, 8, seed=3)
+    got = index.rank(q, K, signed=False)
+    want = brute_force(index, q, K)
+    found = sum(len({h.external_id for h in g.hits} & set(w)) for g, w in zip(got, want,
+                                                                               strict=True))
+    assert found / (K * len(q)) >= 0.95  # recall@6 on 60 vectors (ef 256: exact in practice)
+    names, scores = index.scores(q)
+    where = {n: j for j, n in enumerate(names)}
+    for i, r in enumerate(got):  # every score is the exact inner product
+        np.testing.assert_allclose([h.score for h in r.hits],
+                                   [scores[i, where[h.external_id]] for h in r.hits],
+                                   rtol=RTOL, atol=ATOL * float(np.abs(scores[i]).max()))
+    close_clients()
+
+
 class FailAt(BuildHooks):
     """Fails the finalize at ``point``: the build dies there, like a crash."""
 
@@ -300,7 +367,10 @@ def test_killed_publish_leaves_the_old_version_serving(tmp_path: Path) -> None:
                             env={**env, **storage_env(settings)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert PAUSED_MARK in kill_when_paused(proc)
-    assert len(_collections(settings)) == 2  # the old one and the half-written one
+    # `gradindex verify` finds the collection every row in place and drops the half-written one
+    out = _cli(settings, "verify", "m")
+    assert "dropped 1 Milvus collection(s)" in out and f"holds its {N} rows" in out
+    assert _collections(settings) == {old.store.collection}  # type: ignore[union-attr]
     served = open_index("m", settings)
     assert served.identity == old.identity
     assert [[h.external_id for h in r]
@@ -310,6 +380,22 @@ def test_killed_publish_leaves_the_old_version_serving(tmp_path: Path) -> None:
     assert new.version == 2 and len(_collections(settings)) == 2
     assert [[h.external_id for h in r] for r in new.search(q, K, filter={"label": 1})] == before
     close_clients()
+    _cli(settings, "delete", "m")  # and deleting the index drops its collections
+    assert _collections(settings) == set()
+    close_clients()
+
+
+def _cli(settings: Settings, *args: str) -> str:
+    """``gradindex ARGS`` in a process of its own (milvus-lite: this one lets go first);
+    what it printed, stdout and stderr."""
+    close_clients()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADINDEX_")}
+    done = subprocess.run([sys.executable, "-c", "from gradindex.cli import main; main()",
+                           *args], cwd=REPO, env={**env, **storage_env(settings),
+                                                  "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
 
 
 def test_index_without_store_entry_serves_from_faiss(tmp_path: Path) -> None:

@@ -56,10 +56,12 @@ __all__ = [
     "MilvusSearcher",
     "MilvusVersion",
     "Untranslatable",
+    "clean_collections",
     "close_clients",
     "collection_name",
     "drop_orphan_collections",
     "expression",
+    "index_versions",
     "milvus_uri",
     "open_version",
     "resolve_store",
@@ -212,6 +214,32 @@ def drop_orphan_collections(uri: str, name: str, keep: Iterable[int]) -> list[st
             log.info("index %r: dropped Milvus collection %s, which no version references",
                      name, collection)
     return dropped
+
+
+def index_versions(engine: Engine, name: str) -> tuple[list[int], bool]:
+    """Index ``name``'s versions that are not being built (their ids), and whether any of its
+    versions (those being built included) was written to Milvus."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(IndexVersion.id, IndexVersion.status, IndexVersion.manifest)
+            .join(IndexRow, IndexRow.id == IndexVersion.index_id)
+            .where(IndexRow.name == name)).all()
+    live = [int(r[0]) for r in rows if r[1] != "building"]
+    milvus = any(((r[2] or {}).get("store") or {}).get("kind") == "milvus" for r in rows)
+    return live, milvus
+
+
+def clean_collections(*, vector_store: str | None, data_dir: Path, engine: Engine,
+                      name: str) -> list[str]:
+    """Drop index ``name``'s collections that no published or retired version references
+    (all of them once the index is deleted); the caller holds the index's finalize lock, so
+    a version still ``building`` is a dead one. Touches no Milvus when none of the index's
+    versions was written there and no milvus-lite file exists."""
+    live, milvus = index_versions(engine, name)
+    uri = milvus_uri(vector_store, data_dir)
+    if not milvus and (vector_store is not None or not Path(uri).exists()):
+        return []
+    return drop_orphan_collections(uri, name, live)
 
 
 # ------------------------------------------------------------------ metadata layout
@@ -445,8 +473,9 @@ def write_collection(
     fields.add_field("relative", pymilvus.DataType.FLOAT_VECTOR, dim=dim)
     layout.add_fields(fields, pymilvus.DataType)
     refused = f"index {name!r}: Milvus ({_shown(uri)}) refused to write collection {collection}"
-    with _refusal(refused):
-        client.create_collection(collection, schema=fields)
+    with _refusal(refused):  # the index declared up front: Milvus builds it as rows arrive
+        client.create_collection(collection, schema=fields,
+                                 index_params=_index_params(client, config, n))
     batch = max(1, INSERT_BYTES // (8 * dim))
     for lo in range(0, n, batch):
         hi = min(lo + batch, n)
@@ -460,7 +489,6 @@ def write_collection(
         after_batch(hi)
     with _refusal(refused):
         client.flush(collection)
-        client.create_index(collection, _index_params(client, config, n))
         client.load_collection(collection)
         stored = _count(client, collection)
     if stored != n:
