@@ -495,7 +495,8 @@ def write_collection(
         raise StorageError(f"index {name!r}: Milvus holds {stored} rows in {collection}, "
                            f"{n} were written")
     return {"kind": "milvus", "collection": collection, "count": n,
-            "index": _index_kind(config), "metadata": layout.to_json()}
+            "index": _index_kind(config), "metadata": layout.to_json(),
+            "search": {"ef": config.ef_search, "nprobe": config.nprobe}}
 
 
 @contextlib.contextmanager
@@ -530,7 +531,9 @@ def _metadata(engine: Engine, version_id: int, lo: int, hi: int) -> list[dict[st
 
 
 def _count(client: Any, collection: str) -> int:
-    got = client.query(collection, filter="", output_fields=["count(*)"])
+    # Strong: every flushed row, not a view that may lag by Milvus's default staleness
+    got = client.query(collection, filter="", output_fields=["count(*)"],
+                       consistency_level="Strong")
     return int(got[0]["count(*)"])
 
 
@@ -556,6 +559,8 @@ class MilvusVersion:
         self.collection = str(entry["collection"])
         self.count = int(entry["count"])
         self.exact = entry.get("index", "FLAT") == "FLAT"
+        self.search = dict(entry.get("search") or {"ef": 256, "nprobe": 32})
+        """HNSW's ``ef`` and IVF's ``nprobe`` (the build's FAISS settings)."""
         self.layout = MetadataLayout.from_json(entry.get("metadata") or {})
         self.client = _client(uri)
         try:
@@ -611,7 +616,10 @@ class MilvusVersion:
         return out
 
     def _params(self, limit: int) -> dict[str, Any]:
-        return {"ef": max(limit, 256), "nprobe": 32}
+        if self.exact:
+            return {}
+        # HNSW needs ef >= the results asked for
+        return {"ef": max(limit, int(self.search["ef"])), "nprobe": int(self.search["nprobe"])}
 
 
 class MilvusSearcher:
