@@ -343,6 +343,24 @@ def test_failed_publish_keeps_the_old_version_and_the_next_one_cleans_up(
     close_clients()
 
 
+def test_retention_drops_the_collections_of_removed_versions(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")  # two versions retained
+    build(BuildConfig(name="m", task="tests.test_milvus:MetaTask", store="milvus",
+                      compression=CompressionConfig(batch_size=8)), settings)
+    first = open_index("m", settings).store
+    finalize(settings, "m")
+    second = open_index("m", settings).store
+    finalize(settings, "m")
+    third = open_index("m", settings).store
+    assert first is not None and second is not None and third is not None
+    assert _collections(settings) == {second.collection, third.collection}
+    finalize(settings, "m", store="faiss")  # back to FAISS: the Milvus ones go by retention
+    assert _collections(settings) == {third.collection}
+    finalize(settings, "m")
+    assert _collections(settings) == set() and open_index("m", settings).store is None
+    close_clients()
+
+
 KILLED_FINALIZE = """
 import sys
 from gradindex import Settings

@@ -67,7 +67,13 @@ from .store import (
     write_faiss,
 )
 from .store.catalog import NewVersion, begin_version
-from .store.milvus import milvus_uri, resolve_store, version_ids, write_collection
+from .store.milvus import (
+    milvus_uri,
+    resolve_store,
+    retire_collections,
+    version_ids,
+    write_collection,
+)
 
 __all__ = ["Finalizer", "find_staging", "finalize", "refinalize"]
 
@@ -391,6 +397,8 @@ class Finalizer:
         )
         for path in dropped:
             shutil.rmtree(self.settings.data_dir / path, ignore_errors=True)
+        retire_collections(vector_store=self.settings.vector_store,
+                           data_dir=self.settings.data_dir, engine=self.engine, name=self.name)
         self.staging.save_finalize_settings(preconditioner=self.preconditioner.to_json(),
                                             faiss=self.faiss.to_json(), window=self.window)
         self.hooks.in_finalize("published")

@@ -65,6 +65,7 @@ __all__ = [
     "milvus_uri",
     "open_version",
     "resolve_store",
+    "retire_collections",
     "version_ids",
     "write_collection",
 ]
@@ -206,10 +207,13 @@ def drop_orphan_collections(uri: str, name: str, keep: Iterable[int]) -> list[st
     keep = {int(k) for k in keep}
     prefix = _prefix(name)
     dropped = []
-    for collection in client.list_collections():
+    with _refusal(f"index {name!r}: Milvus ({_shown(uri)}) failed to list or drop collections"):
+        collections = client.list_collections()
+    for collection in collections:
         match = _COLLECTION.fullmatch(collection)
         if collection.startswith(prefix) and match and int(match.group(1)) not in keep:
-            client.drop_collection(collection)
+            with _refusal(f"index {name!r}: Milvus ({_shown(uri)}) failed to drop {collection}"):
+                client.drop_collection(collection)
             dropped.append(collection)
             log.info("index %r: dropped Milvus collection %s, which no version references",
                      name, collection)
@@ -240,6 +244,18 @@ def clean_collections(*, vector_store: str | None, data_dir: Path, engine: Engin
     if not milvus and (vector_store is not None or not Path(uri).exists()):
         return []
     return drop_orphan_collections(uri, name, live)
+
+
+def retire_collections(*, vector_store: str | None, data_dir: Path, engine: Engine,
+                       name: str) -> None:
+    """After a publish: drop the collections of the versions retention removed, as their
+    folders go. The publish has committed, so a Milvus that fails now is logged, not raised
+    (the next publish or ``gradindex verify`` drops them)."""
+    try:
+        clean_collections(vector_store=vector_store, data_dir=data_dir, engine=engine,
+                          name=name)
+    except GradindexError as exc:
+        log.warning("index %r: old Milvus collections not dropped yet: %s", name, exc)
 
 
 # ------------------------------------------------------------------ metadata layout
