@@ -68,6 +68,7 @@ from .store import (
 )
 from .store.catalog import NewVersion, begin_version
 from .store.milvus import (
+    index_versions,
     milvus_uri,
     resolve_store,
     retire_collections,
@@ -390,6 +391,8 @@ class Finalizer:
         os.rename(self.tmp, final)
         fsync_dir(self.versions)
         self.hooks.in_finalize("before_publish")
+        # read before retention removes the rows of the versions it drops
+        milvus = self.store == "milvus" or index_versions(self.engine, self.name)[1]
         dropped = publish_version(
             engine=self.engine, version_id=self.version.id,
             path=str(final.relative_to(self.settings.data_dir)), manifest=manifest,
@@ -397,8 +400,9 @@ class Finalizer:
         )
         for path in dropped:
             shutil.rmtree(self.settings.data_dir / path, ignore_errors=True)
-        retire_collections(vector_store=self.settings.vector_store,
-                           data_dir=self.settings.data_dir, engine=self.engine, name=self.name)
+        if milvus:  # their collections go too
+            retire_collections(uri=milvus_uri(self.settings.vector_store, self.settings.data_dir),
+                               engine=self.engine, name=self.name)
         self.staging.save_finalize_settings(preconditioner=self.preconditioner.to_json(),
                                             faiss=self.faiss.to_json(), window=self.window)
         self.hooks.in_finalize("published")

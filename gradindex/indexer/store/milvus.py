@@ -235,25 +235,23 @@ def index_versions(engine: Engine, name: str) -> tuple[list[int], bool]:
 
 def clean_collections(*, vector_store: str | None, data_dir: Path, engine: Engine,
                       name: str) -> list[str]:
-    """Drop index ``name``'s collections that no published or retired version references
-    (all of them once the index is deleted); the caller holds the index's finalize lock, so
+    """Drop index ``name``'s collections that no published or retired version references;
+    the caller holds the index's finalize lock, so
     a version still ``building`` is a dead one. Touches no Milvus when none of the index's
-    versions was written there and no milvus-lite file exists."""
+    versions was written there (a milvus-lite file stays free for the process that uses it)."""
     live, milvus = index_versions(engine, name)
-    uri = milvus_uri(vector_store, data_dir)
-    if not milvus and (vector_store is not None or not Path(uri).exists()):
+    if not milvus:
         return []
-    return drop_orphan_collections(uri, name, live)
+    return drop_orphan_collections(milvus_uri(vector_store, data_dir), name, live)
 
 
-def retire_collections(*, vector_store: str | None, data_dir: Path, engine: Engine,
-                       name: str) -> None:
-    """After a publish: drop the collections of the versions retention removed, as their
-    folders go. The publish has committed, so a Milvus that fails now is logged, not raised
-    (the next publish or ``gradindex verify`` drops them)."""
+def retire_collections(*, uri: str, engine: Engine, name: str) -> None:
+    """After a publish of an index that has (or had, before retention) Milvus-backed
+    versions: drop the collections of the versions retention removed, as their folders go.
+    The publish has committed, so a Milvus that fails now is logged, not raised (the next
+    publish or ``gradindex verify`` drops them)."""
     try:
-        clean_collections(vector_store=vector_store, data_dir=data_dir, engine=engine,
-                          name=name)
+        drop_orphan_collections(uri, name, index_versions(engine, name)[0])
     except GradindexError as exc:
         log.warning("index %r: old Milvus collections not dropped yet: %s", name, exc)
 
