@@ -37,7 +37,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gradindex ./gradindex
 COPY client ./client
-RUN pip install . && rm -rf /src
+# Extras baked in, e.g. `--build-arg EXTRAS=milvus` (pymilvus, for `--store milvus`).
+ARG EXTRAS=""
+RUN pip install . && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi && rm -rf /src
 WORKDIR /app
 
 RUN useradd --system --create-home --uid 10001 gradindex \

@@ -14,11 +14,11 @@ $(BIN)/python:
 # torch first and pinned: the project's own `torch>=` range then installs nothing more.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[test,bench,hf]'
+	$(BIN)/pip install --quiet -e '.[test,bench,hf,milvus]'
 	touch $(STAMP)
 
-# A .venv with CPU torch, gradindex in editable mode, the test and bench tools and the
-# Hugging Face extra (language models).
+# A .venv with CPU torch, gradindex in editable mode, the test and bench tools, the
+# Hugging Face extra (language models) and the Milvus extra (pymilvus, milvus-lite).
 install: $(STAMP)
 
 # Train the digits classifier, index it and serve it (reuses what is built): on 127.0.0.1:8000,

@@ -54,11 +54,13 @@ if TYPE_CHECKING:
     Shape: TypeAlias = str
     Fisher: TypeAlias = str
     FaissKind: TypeAlias = str
+    StoreKind: TypeAlias = str
 else:  # typer offers a Literal's values as the option's choices
     Compressor = Literal[tuple(COMPRESSORS)]
     Shape = Literal[tuple(SHAPES)]
     Fisher = Literal[FISHER_CHOICES]
     FaissKind = Literal[FAISS_KINDS]
+    StoreKind = Literal["faiss", "milvus"]  # gradindex.indexer.store.milvus.STORES
 
 __all__ = ["app", "check_listen", "demo_settings", "demo_url", "main", "parse_task_args"]
 
@@ -252,6 +254,12 @@ def build_cmd(
         show_default="unset: full codes",
         help="`ivf` only: product-quantized codes of PQ bytes per vector (PQ divides the "
              "dimension); results are re-ranked exactly from the stored vectors.")] = None,
+    store: Annotated[StoreKind | None, typer.Option(
+        show_default="the index's current store, else faiss",
+        help="Where the vectors are searched: faiss (files beside them) or milvus (a "
+             "collection in GRADINDEX_VECTOR_STORE, a Milvus server URL or a milvus-lite "
+             "file; default: milvus.db in the data directory), indexed as --faiss asks.")
+    ] = None,
     shard: Annotated[str | None, typer.Option(
         metavar="i/n", show_default="RANK/WORLD_SIZE under torchrun, else 0/1",
         help="Stage only shard i of n.")] = None,
@@ -269,7 +277,7 @@ def build_cmd(
         preconditioner=PreconditionerConfig(shape=shape, fisher=fisher, samples=samples,
                                             fisher_budget=fisher_budget or None,
                                             damping=damping),
-        faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), shard=i, shards=n,
+        faiss=FaissConfig(kind=faiss, fp16=fp16, pq=pq), store=store, shard=i, shards=n,
         chunk_size=chunk_size, window=window,
     )
     settings = _settings()
@@ -311,13 +319,19 @@ def add_cmd(
 
 
 @app.command("finalize")
-def finalize_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
+def finalize_cmd(
+    name: Annotated[str, typer.Argument(help="Index name.")],
+    store: Annotated[StoreKind | None, typer.Option(
+        show_default="the index's current store, else faiss",
+        help="Where the vectors are searched: faiss or milvus (see `build --help`).")
+    ] = None,
+) -> None:
     """Merge every staged shard of an index, fit the preconditioner and publish."""
     from .indexer.build import finalize
 
     settings = _settings()
     with _progress() as progress:
-        version = finalize(settings, name, progress=progress)
+        version = finalize(settings, name, progress=progress, store=store)
     err.print(f"index {name!r} version {version} published")
 
 
@@ -413,6 +427,34 @@ def verify_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None
               f"it with `gradindex refinalize {name}`")
     err.print(f"index {name!r} version {number}: {len(manifest['checksums'])} files match "
               "their checksums", highlight=False, soft_wrap=True)
+    _verify_collection(settings, name, number, manifest)
+
+
+def _verify_collection(settings: Settings, name: str, number: int,
+                       manifest: dict[str, Any]) -> None:
+    """``--store milvus``: the version's collection is there, loaded, with every row; the
+    collections of publishes that died are dropped (unless a finalize runs now)."""
+    from .indexer.store import connect, file_lock
+    from .indexer.store.milvus import clean_collections, open_version
+
+    entry = manifest.get("store") or {}
+    try:
+        with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of {name!r}"):
+            dropped = clean_collections(vector_store=settings.vector_store,
+                                        data_dir=settings.data_dir, engine=connect(settings),
+                                        name=name)
+    except GradindexError:
+        dropped = []  # a finalize runs: its collection is not an orphan
+    if dropped:
+        err.print(f"index {name!r}: dropped {len(dropped)} Milvus collection(s) of publishes "
+                  f"that did not finish: {', '.join(dropped)}", highlight=False, soft_wrap=True)
+    if entry.get("kind") != "milvus":
+        return
+    version = open_version(vector_store=settings.vector_store, data_dir=settings.data_dir,
+                           entry=entry, label=f"index {name!r} version {number}",
+                           remedy=f"rebuild it with `gradindex refinalize {name}`")
+    err.print(f"index {name!r} version {number}: Milvus collection {version.collection} holds "
+              f"its {version.count} rows", highlight=False, soft_wrap=True)
 
 
 @app.command("repair")
@@ -439,8 +481,14 @@ def repair_cmd(
 def delete_cmd(name: Annotated[str, typer.Argument(help="Index name.")]) -> None:
     """Delete an index: its versions, rows and staged gradients."""
     from .indexer.admin import delete_index
+    from .indexer.store import connect
+    from .indexer.store.milvus import drop_orphan_collections, index_versions, milvus_uri
 
-    delete_index(_settings(), name)
+    settings = _settings()
+    _, milvus = index_versions(connect(settings), name)
+    delete_index(settings, name)
+    if milvus:  # no version of it is left: every collection of it goes
+        drop_orphan_collections(milvus_uri(settings.vector_store, settings.data_dir), name, [])
     err.print(f"index {name!r} deleted")
 
 

@@ -23,24 +23,39 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("files", [["docker-compose.yml"],
-                                   ["docker-compose.yml", "docker-compose.gpu.yml"]])
-def test_compose_config_accepts_the_files(files: list[str]) -> None:
+MILVUS_SERVICES = {"milvus", "milvus-etcd", "milvus-minio"}
+
+
+@pytest.mark.parametrize(("files", "profile"), [
+    (["docker-compose.yml"], None),
+    (["docker-compose.yml", "docker-compose.gpu.yml"], None),
+    (["docker-compose.yml"], "milvus"),
+])
+def test_compose_config_accepts_the_files(files: list[str], profile: str | None) -> None:
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed here "
                     "(.ci/run installs Debian's docker-compose)")
     args = [a for f in files for a in ("-f", str(ROOT / f))]
+    if profile is not None:
+        args += ["--profile", profile]
     result = subprocess.run([*cli, *args, "config"], capture_output=True, text=True,
                             cwd=ROOT, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
     assert result.returncode == 0, result.stderr
-    assert "services:" in result.stdout
+    services = yaml.safe_load(result.stdout)["services"]
+    # (docker-compose 1.x lists every service; `docker compose` only the active profiles')
+    assert MILVUS_SERVICES <= set(services) or profile is None
+    assert all(services[name]["profiles"] == ["milvus"]
+               for name in MILVUS_SERVICES & set(services))
 
 
 def test_compose_services_health_checks_and_variables() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"postgres", "migrate", "api", "indexer"}
+    assert set(services) == {"postgres", "migrate", "api", "indexer"} | MILVUS_SERVICES
+    # without a profile only gradindex's own services start
+    assert {n for n, s in services.items() if not s.get("profiles")} == {
+        "postgres", "migrate", "api", "indexer"}
 
     pg = services["postgres"]
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
@@ -87,3 +102,29 @@ def test_dockerfile_is_slim_non_root_cpu_by_default() -> None:
     assert re.search(r"^RUN pip install \. ", text, re.M) and "pip install -e" not in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".gradindex" in ignored
+
+
+def test_milvus_profile_is_milvus_standalone_and_the_api_points_at_it() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in MILVUS_SERVICES:
+        assert services[name]["profiles"] == ["milvus"]
+        assert services[name]["healthcheck"]["test"]
+        assert name in compose["volumes"]  # its data outlives the container
+    milvus = services["milvus"]
+    assert milvus["image"].startswith("milvusdb/milvus:v2.")
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert "9091/healthz" in " ".join(milvus["healthcheck"]["test"])
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "milvus-etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "milvus-minio:9000"
+    for dep in ("milvus-etcd", "milvus-minio"):
+        assert milvus["depends_on"][dep]["condition"] == "service_healthy"
+    assert services["milvus-etcd"]["image"].startswith("quay.io/coreos/etcd:")
+    assert services["milvus-minio"]["image"].startswith("minio/minio:")
+    # the server and the indexer reach it by its service name (a milvus-lite file cannot be
+    # shared by two processes), and their image carries pymilvus
+    for name in ("api", "indexer"):
+        env = services[name]["environment"]
+        assert env["GRADINDEX_VECTOR_STORE"] == "${GRADINDEX_VECTOR_STORE:-http://milvus:19530}"
+        assert services[name]["build"]["args"]["EXTRAS"] == "milvus"
+    assert 'pip install ".[$EXTRAS]"' in (ROOT / "Dockerfile").read_text()

@@ -73,4 +73,5 @@ def build(
         )
         return None
     return finalize(settings, config.name, staging=staging, preconditioner=config.preconditioner,
-                    faiss=config.faiss, window=config.window, progress=progress, hooks=hooks)
+                    faiss=config.faiss, window=config.window, progress=progress, hooks=hooks,
+                    store=config.store)

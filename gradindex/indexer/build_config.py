@@ -28,11 +28,12 @@ __all__ = [
 BuildProgressFn = Callable[[str, int, "int | None"], None]
 """Called with ``(phase, done, total)``; phases: featurize, fisher, vectors, faiss."""
 
-FinalizePoint = Literal["fitted", "rows", "faiss", "before_publish", "published"]
+FinalizePoint = Literal["fitted", "rows", "store", "faiss", "before_publish", "published"]
 """Where :meth:`BuildHooks.in_finalize` is called: ``fitted`` once the preconditioner is
-saved; ``rows`` after each window of SQL rows is committed; ``faiss`` once the FAISS files are
-written; ``before_publish`` after the version folder's rename and before the publishing
-transaction; ``published`` after it."""
+saved; ``rows`` after each window of SQL rows is committed; ``store`` after each batch of
+vectors inserted into a Milvus collection (``--store milvus``); ``faiss`` once the FAISS files
+(or the Milvus collection) are written; ``before_publish`` after the version folder's rename
+and before the publishing transaction; ``published`` after it."""
 
 
 class BuildHooks:
@@ -76,6 +77,11 @@ class BuildConfig:
     faiss: FaissConfig = field(default_factory=FaissConfig)
     """FAISS index kind and precision."""
 
+    store: str | None = None
+    """Where the vectors are searched: `faiss` (files beside them) or `milvus` (a collection
+    in the Milvus of `GRADINDEX_VECTOR_STORE`); unset: the store of the index's current
+    version, else `faiss`."""
+
     shard: int = 0
     """This process's shard, in [0, `shards`): it featurizes the batches b (examples
     [b·batch_size, (b+1)·batch_size)) with b % shards == shard, so every batch holds the same
@@ -96,6 +102,8 @@ class BuildConfig:
             raise ConfigError(f"`shards` must be a positive integer, got {self.shards!r}")
         if not isinstance(self.shard, int) or not 0 <= self.shard < self.shards:
             raise ConfigError(f"`shard` must be in [0, {self.shards}), got {self.shard!r}")
+        if self.store is not None and self.store not in ("faiss", "milvus"):
+            raise ConfigError(f"`store` must be one of ['faiss', 'milvus'], got {self.store!r}")
         for name in ("chunk_size", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

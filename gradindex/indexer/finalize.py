@@ -9,7 +9,8 @@ then publish in one transaction (DESIGN §2).
 2. :meth:`Finalizer.fit_preconditioner`: one streaming pass over the staged Fisher rows.
 3. :meth:`Finalizer.write_vectors`: a second pass writes preconditioned vectors,
    self-influence and the SQL rows.
-4. :meth:`Finalizer.write_faiss`: the FAISS index and its relative-influence twin.
+4. :meth:`Finalizer.write_faiss`: the FAISS index and its relative-influence twin, or (``--store
+   milvus``) the version's Milvus collection, written and loaded before the publish.
 5. :meth:`Finalizer.write_manifest`.
 6. :meth:`Finalizer.publish`: fsync, rename ``.tmp-v<id>`` → ``v<id>``, one transaction
    makes the version current, and the settings used become those a plain finalize reuses.
@@ -66,6 +67,14 @@ from .store import (
     write_faiss,
 )
 from .store.catalog import NewVersion, begin_version
+from .store.milvus import (
+    index_versions,
+    milvus_uri,
+    resolve_store,
+    retire_collections,
+    version_ids,
+    write_collection,
+)
 
 __all__ = ["Finalizer", "find_staging", "finalize", "refinalize"]
 
@@ -133,7 +142,8 @@ class Finalizer:
 
     def __init__(self, settings: Settings, name: str, staging: Staging, *,
                  preconditioner: PreconditionerConfig, faiss: FaissConfig, window: int,
-                 progress: BuildProgressFn | None = None, hooks: BuildHooks = NO_HOOKS) -> None:
+                 progress: BuildProgressFn | None = None, hooks: BuildHooks = NO_HOOKS,
+                 store: str | None = None) -> None:
         self.settings = settings
         self.name = name
         self.staging = staging
@@ -144,6 +154,8 @@ class Finalizer:
         self.progress = progress
         self.hooks = hooks
         self.engine = connect(settings)
+        self.store = resolve_store(engine=self.engine, name=name, requested=store)
+        """Where the version's vectors are searched: ``faiss`` or ``milvus``."""
         self.versions = settings.index_dir(name) / "versions"
         total = staging.total()
         if total is None or not staging.complete():
@@ -280,12 +292,15 @@ class Finalizer:
         fcfg = self.faiss
         self._report("faiss", 0)
         scale, eps = relative_scale(influence)
+        if self.store == "milvus":  # Milvus indexes the vectors: no FAISS file
+            return self.write_collection(ids, scale, eps)
         if fcfg.exact:
             self._report("faiss", self.total)
             self.hooks.in_finalize("faiss")
             return {
                 "faiss": {**fcfg.to_json(), "factory": None, "file": None, **EXACT_RECALL},
                 "relative": {"file": None, "eps": eps, **EXACT_RECALL},
+                "store": {"kind": "faiss"},
             }
         stored = np.load(self.tmp / "vectors.npy", mmap_mode="r")
         index = build_faiss(fcfg, stored, ids, seed=self.seed)
@@ -302,7 +317,33 @@ class Finalizer:
             "faiss": {**fcfg.to_json(), "factory": fcfg.factory(self.total),
                       "file": "index.faiss", **recall},
             "relative": {"file": "relative.faiss", "eps": eps, **relative_recall},
+            "store": {"kind": "faiss"},
         }
+
+    def write_collection(self, ids: np.ndarray, scale: np.ndarray, eps: float
+                         ) -> dict[str, Any]:
+        """``--store milvus``: the version's Milvus collection (vectors, relative vectors, ids
+        and metadata), written and loaded before :meth:`publish` (:mod:`.store.milvus`).
+
+        Returns:
+            The manifest's ``faiss`` (no file), ``relative`` and ``store`` entries.
+        """
+        assert self.version is not None, "begin() first"
+        stored = np.load(self.tmp / "vectors.npy", mmap_mode="r")
+        entry = write_collection(
+            uri=milvus_uri(self.settings.vector_store, self.settings.data_dir), name=self.name,
+            version_id=self.version.id, build_id=self.version.build_id,
+            live=version_ids(self.version.live), engine=self.engine, vectors=stored, ids=ids,
+            scale=scale, schema=self.metadata_schema, config=self.faiss,
+            after_batch=self._stored)
+        self.hooks.in_finalize("faiss")
+        exact = EXACT_RECALL if entry["index"] == "FLAT" else {}
+        return {"faiss": {**self.faiss.to_json(), "factory": None, "file": None, **exact},
+                "relative": {"file": None, "eps": eps, **exact}, "store": entry}
+
+    def _stored(self, done: int) -> None:
+        self._report("faiss", done)
+        self.hooks.in_finalize("store")
 
     def write_manifest(self, precond: Preconditioner, faiss: dict[str, Any]) -> dict[str, Any]:
         """``manifest.json``: how to rebuild the query side and how this version was made.
@@ -350,6 +391,8 @@ class Finalizer:
         os.rename(self.tmp, final)
         fsync_dir(self.versions)
         self.hooks.in_finalize("before_publish")
+        # read before retention removes the rows of the versions it drops
+        milvus = self.store == "milvus" or index_versions(self.engine, self.name)[1]
         dropped = publish_version(
             engine=self.engine, version_id=self.version.id,
             path=str(final.relative_to(self.settings.data_dir)), manifest=manifest,
@@ -357,6 +400,9 @@ class Finalizer:
         )
         for path in dropped:
             shutil.rmtree(self.settings.data_dir / path, ignore_errors=True)
+        if milvus:  # their collections go too
+            retire_collections(uri=milvus_uri(self.settings.vector_store, self.settings.data_dir),
+                               engine=self.engine, name=self.name)
         self.staging.save_finalize_settings(preconditioner=self.preconditioner.to_json(),
                                             faiss=self.faiss.to_json(), window=self.window)
         self.hooks.in_finalize("published")
@@ -373,6 +419,7 @@ def finalize(
     window: int | None = None,
     progress: BuildProgressFn | None = None,
     hooks: BuildHooks | None = None,
+    store: str | None = None,
 ) -> int:
     """Fit the preconditioner over the staged gradients, write and publish a new version.
 
@@ -388,6 +435,8 @@ def finalize(
         window: examples per step (default: likewise).
         progress: called with ``(phase, done, total)`` for the fisher, vectors, faiss phases.
         hooks: called at the named points of :data:`~.build_config.FinalizePoint`.
+        store: ``faiss`` or ``milvus`` (default: the store of the index's current version,
+            else ``faiss``).
 
     Returns:
         The published version's number (1, 2, 3, ... within the index).
@@ -408,7 +457,7 @@ def finalize(
     with file_lock(settings.index_dir(name) / "finalize.lock", f"finalize of index {name!r}"):
         staging.discard_unrecorded()  # the chunks of an add killed before it recorded them
         run = Finalizer(settings, name, staging, preconditioner=pcfg, faiss=fcfg, window=window,
-                        progress=progress, hooks=hooks or NO_HOOKS)
+                        progress=progress, hooks=hooks or NO_HOOKS, store=store)
         run.check_ids()
         version = run.begin()
         precond = run.fit_preconditioner(fitted)

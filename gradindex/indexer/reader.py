@@ -31,6 +31,7 @@ from .precondition import Preconditioner
 from .search import IdRows, Searcher, as_queries, check_search, histogram, relative_vectors
 from .settings import Settings, check_name
 from .store import IndexVersion, connect, current_version
+from .store.milvus import MilvusSearcher, MilvusVersion, open_version
 from .version import VersionFiles
 
 __all__ = ["ExampleNotFound", "Filter", "Hit", "Index", "Ranked", "open_index"]
@@ -88,8 +89,18 @@ class Index:
                                      schema=self.metadata_schema)
         self.files.check(*self.examples.row_ids())
         self._rows = IdRows(self.files.ids, label=f"index {name!r} version {self.version}")
-        self.searcher = Searcher(self.files.vectors, self._rows, index=self.files.faiss,
-                                 config=self.files.faiss_config)
+        self.searcher: Searcher | MilvusSearcher = Searcher(
+            self.files.vectors, self._rows, index=self.files.faiss,
+            config=self.files.faiss_config)
+        self.store: MilvusVersion | None = None
+        """The Milvus collection searched (``--store milvus``); None: FAISS or a scan."""
+        entry = self.manifest.get("store") or {}  # versions written before stores: FAISS
+        if entry.get("kind") == "milvus":
+            self.store = open_version(
+                vector_store=settings.vector_store, data_dir=settings.data_dir, entry=entry,
+                label=f"index {name!r} version {self.version}",
+                remedy=f"rebuild it with `gradindex refinalize {name}`")
+            self.searcher = self._milvus(self.searcher, "vectors")
 
     # -------------------------------------------------------------- properties
 
@@ -146,12 +157,19 @@ class Index:
         return self.examples.self_influence_by_position()  # written before the file existed
 
     @functools.cached_property
-    def relative_searcher(self) -> Searcher:
+    def relative_searcher(self) -> Searcher | MilvusSearcher:
         """The searcher of relative influence, ``v_i / sqrt(max(self-influence_i, eps))``."""
         eps = (self.manifest.get("relative") or {}).get("eps")
         vectors = relative_vectors(self.files.vectors, self.self_influence_values, eps)
-        return Searcher(vectors, self._rows, index=self.files.relative_faiss,
-                        config=self.files.faiss_config)
+        return self._milvus(Searcher(vectors, self._rows, index=self.files.relative_faiss,
+                                     config=self.files.faiss_config), "relative")
+
+    def _milvus(self, searcher: Searcher, field: str) -> Searcher | MilvusSearcher:
+        """``searcher``, searching through Milvus's ``field`` when the version is there."""
+        if self.store is None:
+            return searcher
+        return MilvusSearcher(self.store, searcher, field=field,
+                              oversample=self.files.faiss_config.oversample)
 
     def _queries(self, queries: torch.Tensor | np.ndarray) -> np.ndarray:
         if isinstance(queries, torch.Tensor):
@@ -229,19 +247,30 @@ class Index:
         skipped = np.full(len(q), -1, dtype=np.int64)
         if skip is not None:
             skipped[:] = [-1 if s is None else int(s) for s in skip]
-        include = self.examples.matching(filter)
+        # Milvus: a filter it decides exactly runs inside its search, no SQL id list
+        where = None if self.store is None else self.store.where(filter, self.metadata_schema)
+        include = self.examples.matching(filter) if where is None else None
         exclude = None if include is not None else self.examples.deleted()
         searcher = self.relative_searcher if normalize else self.searcher
-        counts: tuple[np.ndarray, np.ndarray] | None
-        if searcher.scannable(include):
+        counts: tuple[np.ndarray, np.ndarray] | None = None
+        if not isinstance(searcher, MilvusSearcher) and searcher.scannable(include):
             scan = searcher.scan(q, k, directions=directions, include=include, exclude=exclude,
                                  skip=skipped)
             top, counts = scan.top, (scan.positives, scan.negatives)
         else:
             extra = int((skipped >= 0).any())
-            top = {d: searcher.top_k(q, k + extra, direction=d, include=include,
-                                     exclude=exclude) for d in directions}
-            counts = self._sign_counts(q, include, exclude, skipped) if signed else None
+            if isinstance(searcher, MilvusSearcher):
+                top = {d: searcher.top_k(q, k + extra, direction=d, include=include,
+                                         exclude=exclude, where=where) for d in directions}
+            else:
+                top = {d: searcher.top_k(q, k + extra, direction=d, include=include,
+                                         exclude=exclude) for d in directions}
+            if signed and where is not None:  # counted over the matches when they are few
+                if self.examples.count(filter) * self.dim <= COUNT_SCAN_LIMIT:
+                    counts = self._sign_counts(q, self.examples.matching(filter), None,
+                                               skipped)
+            elif signed:
+                counts = self._sign_counts(q, include, exclude, skipped)
         picked: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         for d in directions:
             sign = 1.0 if d == "proponents" else -1.0

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
                     "that opened the previous version keeps working while a new one is "
                     "published.")
 
+    vector_store: str | None = Field(
+        default=None,
+        description="The Milvus of indexes built with `--store milvus`: a milvus-lite file "
+                    "(`path/to/milvus.db`, one process at a time) or a server "
+                    "(`http://host:19530`, credentials as `http://user:password@host:19530`); "
+                    "unset means a milvus-lite file `milvus.db` in the data directory.")
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -87,6 +94,18 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an SQLAlchemy URL such as "
                              f"'postgresql+psycopg://user@host/db', got {value!r}")
         return value
+
+    @field_validator("vector_store", mode="after")
+    @classmethod
+    def _vector_store(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if re.match(r"(https?|tcp|unix)://", value) or value.startswith("unix:"):
+            return value
+        if value.endswith(".db"):
+            return str(Path(value).expanduser().absolute())
+        raise ValueError(f"must be a milvus-lite file ending in '.db' or a Milvus URL such as "
+                         f"'http://host:19530', got {value!r}")
 
     @classmethod
     def from_env(cls) -> Settings:
