@@ -53,6 +53,10 @@ def test_build_list_info_refinalize_delete(settings: Settings) -> None:
     assert code == 0, out
     assert json.loads(invoke(settings, "info", "cli")[1])["manifest"]["preconditioner"][
         "damping"] == 0.3
+    code, out = invoke(settings, "refinalize", "cli", "--faiss", "ivf", "--oversample", "16")
+    assert code == 0, out
+    faiss = json.loads(invoke(settings, "info", "cli")[1])["manifest"]["faiss"]
+    assert (faiss["kind"], faiss["oversample"]) == ("ivf", 16)
     code, out = invoke(settings, "refinalize", "cli", "--fisher", "sampled")
     # the default `auto` Fisher resolved to `expected`: the task defines logits
     assert code == 1 and "staged with the 'expected' Fisher" in out and "Traceback" not in out
@@ -287,6 +291,7 @@ def test_build_defaults_are_the_library_defaults() -> None:
     assert build["--chunk-size"].endswith(f"[default: {defaults['chunk_size']}]")
     assert build["--window"].endswith(f"[default: {defaults['window']}]")
     assert build["--faiss"].endswith(f"[default: {FaissConfig().kind}]")
+    assert f"[default: {FaissConfig().oversample};" in build["--oversample"]
 
 
 # ----------------------------------------------------------------------------- demo address
