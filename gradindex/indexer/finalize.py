@@ -252,7 +252,7 @@ class Finalizer:
         for w in self.staging.windows(self.window, start=start):
             raw = torch.from_numpy(w.raw)
             vec = precond.apply(raw)
-            si = self_influence(raw / groups, vec).numpy()
+            si = self_influence(raw, vec, 1.0 / groups).numpy()
             vectors[w.start : w.stop] = vec.numpy()
             influence[w.start : w.stop] = si
             for rec in w.records:
