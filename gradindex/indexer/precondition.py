@@ -8,10 +8,11 @@ preconditioning the full gradient and masking afterwards, is what measured best 
 Precision: the staged gradients are float32, so each batch's ``Σ r rᵀ`` is one float32 GEMM
 added to a float64 total, and the vectors are one float32 GEMM with the inverse (computed in
 float64 from the Cholesky factor) wherever the block is conditioned well enough for it
-(:data:`FLOAT32_MAX_CONDITION`), else float64 Cholesky solves. Either way the error is of the
-order the float32 staging already implies: ``v = (F̃+λI)⁻¹g̃`` amplifies a relative error ε in
-``g̃`` by up to the condition number. Both passes were twice to three times faster than in
-float64 (bench/RESULTS.md, "The whole build in training epochs").
+(:data:`FLOAT32_MAX_CONDITION`), else float64 Cholesky solves. Measured against float64 on a
+1.9M-parameter MLP: Fisher sums within 1e-7, vectors within 1.7e-5, scores within 7e-6 (the
+float32 rounding of the staged gradients alone moves the vectors by 4e-7), with the same LDS;
+both passes ran two to three times faster (bench/RESULTS.md, "The whole build in training
+epochs").
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from .registry import FISHER_KINDS, SHAPES, check_choice, register_shape
 
 __all__ = [
     "FISHER_KINDS",
+    "FLOAT32_MAX_CONDITION",
     "SHAPES",
     "FisherAccumulator",
     "Preconditioner",
     "Shape",
-    "FLOAT32_MAX_CONDITION",
     "fisher_window_rows",
     "register_shape",
     "self_influence",
