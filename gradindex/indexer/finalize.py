@@ -40,7 +40,6 @@ from .filters import MetadataSchema
 from .precondition import (
     FisherAccumulator,
     Preconditioner,
-    fisher_window_rows,
     self_influence,
 )
 from .settings import Settings, check_name
@@ -225,8 +224,12 @@ class Finalizer:
             acc = FisherAccumulator(blocks, pcfg.shape)
             if acc.ranges:
                 for w in self.staging.windows(self.window):
-                    rows = fisher_window_rows(w.raw, w.fisher, w.fisher_members())
-                    acc.update(torch.from_numpy(rows), w.stop - w.start)
+                    if w.fisher is None:  # empirical: the raw gradients are the rows
+                        acc.update(torch.from_numpy(w.raw), w.stop - w.start)
+                    else:  # the subset's rows and the others' raw gradients, not concatenated
+                        members = w.fisher_members()
+                        acc.update(torch.from_numpy(w.fisher.reshape(-1, self.dim)), 0)
+                        acc.update(torch.from_numpy(w.raw[~members]), w.stop - w.start)
                     self._report("fisher", w.stop)
             else:
                 acc.count = self.total
@@ -264,7 +267,7 @@ class Finalizer:
         for w in self.staging.windows(self.window, start=start):
             raw = torch.from_numpy(w.raw)
             vec = precond.apply(raw)
-            si = self_influence(raw / groups, vec).numpy()
+            si = self_influence(raw, vec, 1.0 / groups).numpy()
             vectors[w.start : w.stop] = vec.numpy()
             influence[w.start : w.stop] = si
             for rec in w.records:

@@ -14,6 +14,7 @@ finalize settings (preconditioner, FAISS, window) last asked for or published.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -305,6 +306,8 @@ class Staging:
         fisher_chunk = np.full(total, -1, dtype=np.int64)
         fisher_row = np.full(total, -1, dtype=np.int64)
         fisher_shape: tuple[int, ...] | None = None
+        raw_shape: tuple[int, ...] = np.load(chunks[0] / "raw.npy", mmap_mode="r").shape[1:] \
+            if chunks else (0,)
         for c in range(len(chunks) - 1, -1, -1):  # the first chunk wins a duplicate
             pos = np.load(chunks[c] / "positions.npy")
             chunk_of[pos] = c
@@ -324,8 +327,10 @@ class Staging:
                 cache.move_to_end(c)
                 return cache[c]
             d = chunks[c]
-            raw = np.load(d / "raw.npy", mmap_mode="r")
-            fisher = np.load(d / "fisher.npy", mmap_mode="r") if (d / "fisher.npy").exists() \
+            # copy-on-write maps: a window that is one slice of one chunk is handed out as that
+            # slice, and torch wants writable arrays (writes would stay in this process)
+            raw = np.load(d / "raw.npy", mmap_mode="c")
+            fisher = np.load(d / "fisher.npy", mmap_mode="c") if (d / "fisher.npy").exists() \
                 else None
             with open(d / "records.jsonl") as fh:
                 records = [json.loads(line) for line in fh]
@@ -334,25 +339,55 @@ class Staging:
                 cache.popitem(last=False)
             return cache[c]
 
+        def raws(c: int) -> np.ndarray:
+            return load(c)[0]
+
+        def fishers(c: int) -> np.ndarray:
+            fisher = load(c)[1]
+            assert fisher is not None
+            return fisher
+
         for lo in range(start, total, window):
             hi = min(lo + window, total)
-            raws, fishers, records, fpos = [], [], [], []
-            for p in range(lo, hi):
-                raw, _, recs = load(int(chunk_of[p]))
-                r = int(row_of[p])
-                raws.append(raw[r])
-                records.append(recs[r])
-                if fisher_chunk[p] >= 0:
-                    fisher = load(int(fisher_chunk[p]))[1]
-                    assert fisher is not None
-                    fishers.append(fisher[int(fisher_row[p])])
-                    fpos.append(p)
-            staged = None
+            chunk, row = chunk_of[lo:hi], row_of[lo:hi]
+            records: list[dict[str, Any]] = []
+            for a, b in _runs(chunk, row):
+                records.extend(load(int(chunk[a]))[2][row[a] : row[a] + b - a])
+            staged: np.ndarray | None = None
+            members: np.ndarray | None = None
             if fisher_shape is not None:
-                staged = (np.stack(fishers).astype(np.float32) if fishers
-                          else np.zeros((0, *fisher_shape), dtype=np.float32))
-            yield StagedWindow(lo, hi, np.stack(raws).astype(np.float32), staged, records,
-                               np.asarray(fpos, dtype=np.int64) if staged is not None else None)
+                inside = fisher_chunk[lo:hi] >= 0
+                members = lo + np.flatnonzero(inside)
+                staged = _gather(fishers, fisher_chunk[lo:hi][inside],
+                                 fisher_row[lo:hi][inside], fisher_shape)
+            yield StagedWindow(lo, hi, _gather(raws, chunk, row, raw_shape), staged, records,
+                               members)
+
+
+def _runs(chunk: np.ndarray, row: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` index ranges over which ``chunk`` is constant and ``row`` counts up by one:
+    the slices a window reads from each chunk."""
+    if not len(chunk):
+        return []
+    breaks = np.flatnonzero((np.diff(chunk) != 0) | (np.diff(row) != 1)) + 1
+    edges = [0, *breaks.tolist(), len(chunk)]
+    return list(itertools.pairwise(edges))
+
+
+def _gather(source: Callable[[int], np.ndarray], chunk: np.ndarray, row: np.ndarray,
+            shape: tuple[int, ...]) -> np.ndarray:
+    """Row ``row[i]`` of chunk ``chunk[i]``'s array for each ``i``, as one float32 array
+    ``[n, *shape]``: copied slice by slice, or, when they are one slice of one chunk, that
+    slice of its (copy-on-write) memory map with no copy at all."""
+    runs = _runs(chunk, row)
+    if len(runs) == 1:
+        part = source(int(chunk[0]))[row[0] : row[0] + len(row)]
+        if part.dtype == np.float32:
+            return np.asarray(part)
+    out = np.empty((len(row), *shape), dtype=np.float32)
+    for a, b in runs:
+        out[a:b] = source(int(chunk[a]))[row[a] : row[a] + b - a]
+    return out
 
 
 class ChunkWriter:
