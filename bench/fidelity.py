@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -268,17 +269,15 @@ def fisher_methods(name: str) -> list[Method]:
     gaussian = {"compressor": "gaussian", "batch_size": GAUSSIAN_BATCH, "dim": BUDGET, **one}
     extra = (0.3,)
     if name == "mnist-mlp":
+        sjlt = {"compressor": "dropout-sjlt", "dim": BUDGET, **one}
         return [
             Method("random scores", "reference", kind="random"),
             index_method("defaults", base, "new defaults", ensemble=True, dampings=extra),
             index_method("defaults", base, "old defaults (empirical, every example)",
                          ensemble=True, dampings=extra, **OLD_DEFAULTS),
-            index_method("defaults", base, "new defaults, dropout-sjlt k=4096 ×1",
-                         ensemble=True, dampings=extra, compressor="dropout-sjlt", dim=BUDGET,
-                         **one),
-            index_method("defaults", base, dampings=extra, **gaussian),
-            *[index_method("budget", base, dampings=extra, fisher_budget=b)
-              for b in (2048, 4096, 16384)],
+            index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=4096),
+            *[index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=b,
+                           **sjlt) for b in (4096, 8192)],
         ]
     methods = [
         Method("exact influence", "reference", kind="exact"),
@@ -332,7 +331,9 @@ class TimedFeaturizer(Featurizer):
     the rest grows with the number of checkpoints.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, reference: bool = False, **kwargs: Any) -> None:
+        self.reference = reference
+        """Compute ``expected`` Fisher rows one backward per class (the path before batching)."""
         self._depth = 0
         self.shared_seconds = 0.0
         self.fisher_seconds = 0.0
@@ -368,11 +369,14 @@ class TimedFeaturizer(Featurizer):
         return self._timed(super().raw, payloads)
 
     def fisher(
-        self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1
+        self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1,
+        *, rank: int | None = None, reference: bool = False,
     ) -> torch.Tensor:
         before = self.seconds
+        fisher = functools.partial(super().fisher, rank=rank,
+                                   reference=reference or self.reference)
         try:
-            return self._timed(super().fisher, payloads, kind, samples)
+            return self._timed(fisher, payloads, kind, samples)
         finally:
             self.fisher_seconds += self.seconds - before
 
