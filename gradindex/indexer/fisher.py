@@ -6,9 +6,10 @@ sample=True)`` draws targets from the model, ``empirical`` otherwise. The ``samp
 ``expected`` kinds cost extra model passes (one batched backward for an example's ``expected``
 rows, one pass per sample), so they are fitted on a budget of rows: a large training set spends
 it on a seeded subset of its examples, a small one on more rows per example (more samples, or
-more of the top directions of each example's output Hessian). The subset is a pure function of a hashed
-key (seed, training-set size, subset size), like the masks of :mod:`.masks`, so every shard,
-process and resumed build picks the same examples. Vectors are still computed for every example.
+more of the top directions of each example's output Hessian). The subset is a pure function of
+a hashed key (seed, training-set size, subset size), like the masks of :mod:`.masks`, so every
+shard, process and resumed build picks the same examples. Vectors are still computed for every
+example.
 """
 
 from __future__ import annotations
