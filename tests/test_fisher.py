@@ -330,3 +330,23 @@ def test_top_directions_approach_the_expected_fisher_and_all_but_one_are_exact(
     for rank in (None, 6):
         v = expected_cotangents(logits, rank=rank)
         torch.testing.assert_close(torch.einsum("rbi,rbj->bij", v, v), h, atol=1e-6, rtol=0)
+
+
+def test_a_batchs_fisher_rows_reuse_its_collation_and_no_other(digits: DigitsTask) -> None:
+    """Rows right after the same payloads' vectors reuse their batch; other payloads (even
+    equal ones, or a list changed in place) are collated afresh."""
+    payloads = [p for _, p in list(digits.examples())[:BATCH]]
+    others = [p for _, p in list(digits.examples())[BATCH : 2 * BATCH]]
+    fresh = Featurizer(digits, CompressionConfig(batch_size=BATCH), device="cpu")
+    want = fresh.fisher(others, "expected", rank=2)
+    feat = Featurizer(digits, CompressionConfig(batch_size=BATCH), device="cpu")
+    feat.raw(payloads)
+    batch = feat._collated(payloads)
+    assert feat._collated(payloads) is batch and feat._collated(list(payloads)) is batch
+    torch.testing.assert_close(feat.fisher(others, "expected", rank=2), want)
+    changed = list(payloads)
+    feat.raw(changed)
+    changed[0] = others[0]
+    assert feat._collated(changed) is not batch
+    torch.testing.assert_close(feat.raw(changed)[0], fresh.raw(others[:1])[0], atol=ATOL,
+                               rtol=RTOL)
