@@ -56,8 +56,11 @@ Cotangents = Callable[[torch.Tensor], torch.Tensor]
 gradient of ``⟨v_r, output⟩``."""
 
 ROWS_PER_PASS = 512
-"""Most Fisher rows (examples × classes or samples) one batched backward or one replicated
-batch computes: bounds the ``[R·B, ..., D_out]`` output gradients held at once."""
+"""Most Fisher rows (examples × rows per example) one batched backward computes: bounds the
+``[R·B, ..., D_out]`` output gradients held at once."""
+
+BATCHED_FROM = 2
+"""Rows per batch from which one batched backward (a ``vmap``) beats plain ones in turn."""
 
 COMPRESS_FLOATS = 1 << 20
 """Floats a compressor forms at once from batched output gradients (rows × its width before
@@ -433,9 +436,11 @@ class Featurizer:
             v = cotangents[lo : lo + per]
             r = v.shape[0]
             try:
-                if r == 1:  # a plain backward: no vmap to pay for
-                    grads = tuple(None if g is None else g[None] for g in torch.autograd.grad(
-                        out, graph, grad_outputs=v[0], retain_graph=True, allow_unused=True))
+                if r < BATCHED_FROM:  # a few plain backwards: no vmap to pay for
+                    each = [torch.autograd.grad(out, graph, grad_outputs=v[j], retain_graph=True,
+                                                allow_unused=True) for j in range(r)]
+                    grads = tuple(None if parts[0] is None else torch.stack(parts)
+                                  for parts in zip(*each, strict=True))
                 else:
                     grads = torch.autograd.grad(
                         out, graph, grad_outputs=v, retain_graph=True, allow_unused=True,
