@@ -255,8 +255,12 @@ def mnist_methods(quick: bool, stretch: bool) -> list[Method]:
     return methods
 
 
-OLD_DEFAULTS = {"fisher": "empirical", "fisher_budget": None}
-"""The Fisher defaults before ``auto``: empirical, on every example."""
+OLD_DEFAULTS = {"fisher": "empirical", "fisher_budget": None, "compressor": "factorized-dropout",
+                "dim": 2048, "masks": 2, "damping": 0.1}
+"""The defaults before ``auto``: the empirical Fisher on every example, `factorized-dropout`
+k=2,048 ×2, λ = 0.1."""
+FACTORIZED = {"compressor": "factorized-dropout", "dim": 2048, "masks": 2}
+"""The compression of the defaults before `dropout-sjlt`."""
 BUDGETS = (1024, 2048, 4096, 8192, 16384, None)
 """Fisher row budgets of the fidelity-against-budget curve (None: every example)."""
 
@@ -267,7 +271,7 @@ def fisher_methods(name: str) -> list[Method]:
     base = Method("default", "defaults")
     one = {"masks": 1}
     gaussian = {"compressor": "gaussian", "batch_size": GAUSSIAN_BATCH, "dim": BUDGET, **one}
-    extra = (0.3,)
+    extra = (0.1, 0.3)
     if name == "mnist-mlp":
         sjlt = {"compressor": "dropout-sjlt", "dim": BUDGET, **one}
         return [
@@ -275,7 +279,8 @@ def fisher_methods(name: str) -> list[Method]:
             index_method("defaults", base, "new defaults", ensemble=True, dampings=extra),
             index_method("defaults", base, "old defaults (empirical, every example)",
                          ensemble=True, dampings=extra, **OLD_DEFAULTS),
-            index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=4096),
+            *[index_method("budget", base, ensemble=True, dampings=(0.1,), fisher_budget=b,
+                           **FACTORIZED) for b in (4096, 8192)],
             *[index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=b,
                            **sjlt) for b in (4096, 8192)],
         ]
