@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -254,8 +255,12 @@ def mnist_methods(quick: bool, stretch: bool) -> list[Method]:
     return methods
 
 
-OLD_DEFAULTS = {"fisher": "empirical", "fisher_budget": None}
-"""The Fisher defaults before ``auto``: empirical, on every example."""
+OLD_DEFAULTS = {"fisher": "empirical", "fisher_budget": None, "compressor": "factorized-dropout",
+                "dim": 2048, "masks": 2, "damping": 0.1}
+"""The defaults before ``auto``: the empirical Fisher on every example, `factorized-dropout`
+k=2,048 ×2, λ = 0.1."""
+FACTORIZED = {"compressor": "factorized-dropout", "dim": 2048, "masks": 2}
+"""The compression of the defaults before `dropout-sjlt`."""
 BUDGETS = (1024, 2048, 4096, 8192, 16384, None)
 """Fisher row budgets of the fidelity-against-budget curve (None: every example)."""
 
@@ -266,19 +271,18 @@ def fisher_methods(name: str) -> list[Method]:
     base = Method("default", "defaults")
     one = {"masks": 1}
     gaussian = {"compressor": "gaussian", "batch_size": GAUSSIAN_BATCH, "dim": BUDGET, **one}
-    extra = (0.3,)
+    extra = (0.1, 0.3)
     if name == "mnist-mlp":
+        sjlt = {"compressor": "dropout-sjlt", "dim": BUDGET, **one}
         return [
             Method("random scores", "reference", kind="random"),
             index_method("defaults", base, "new defaults", ensemble=True, dampings=extra),
             index_method("defaults", base, "old defaults (empirical, every example)",
                          ensemble=True, dampings=extra, **OLD_DEFAULTS),
-            index_method("defaults", base, "new defaults, dropout-sjlt k=4096 ×1",
-                         ensemble=True, dampings=extra, compressor="dropout-sjlt", dim=BUDGET,
-                         **one),
-            index_method("defaults", base, dampings=extra, **gaussian),
-            *[index_method("budget", base, dampings=extra, fisher_budget=b)
-              for b in (2048, 4096, 16384)],
+            *[index_method("budget", base, ensemble=True, dampings=(0.1,), fisher_budget=b,
+                           **FACTORIZED) for b in (4096, 8192)],
+            *[index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=b,
+                           **sjlt) for b in (4096, 8192)],
         ]
     methods = [
         Method("exact influence", "reference", kind="exact"),
@@ -332,7 +336,9 @@ class TimedFeaturizer(Featurizer):
     the rest grows with the number of checkpoints.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, reference: bool = False, **kwargs: Any) -> None:
+        self.reference = reference
+        """Compute ``expected`` Fisher rows one backward per class (the path before batching)."""
         self._depth = 0
         self.shared_seconds = 0.0
         self.fisher_seconds = 0.0
@@ -368,11 +374,14 @@ class TimedFeaturizer(Featurizer):
         return self._timed(super().raw, payloads)
 
     def fisher(
-        self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1
+        self, payloads: Sequence[dict[str, Any]], kind: str, samples: int = 1,
+        *, rank: int | None = None, reference: bool = False,
     ) -> torch.Tensor:
         before = self.seconds
+        fisher = functools.partial(super().fisher, rank=rank,
+                                   reference=reference or self.reference)
         try:
-            return self._timed(super().fisher, payloads, kind, samples)
+            return self._timed(fisher, payloads, kind, samples)
         finally:
             self.fisher_seconds += self.seconds - before
 

@@ -1,19 +1,33 @@
-"""What the default Fisher adds to a build: its model passes against the featurize ones.
+"""What the default Fisher adds to a featurize: its model passes against the vectors', new and
+old side by side.
 
-Builds an in-memory index of a 784-1024-512-10 MLP (1.33M parameters, random weights) over
-65,536 random examples with the default settings (``fisher="auto"``: expected, fitted on a
-budget of rows) and reports the seconds of the vectors' model passes, of the Fisher rows', and
-of the finalize, on one CPU thread.
+On one model and training set, one CPU thread, it times (CPU seconds of this process, steadier
+than wall time on a shared machine):
 
-    python bench/fisher_cost.py                  # 65,536 examples
-    python bench/fisher_cost.py --examples 8192  # quicker
+* the vectors: every example's compressed gradient, in batches;
+* the Fisher rows of the default plan (``fisher="auto"`` at the default budget), batched: one
+  forward and one batched backward for all of a batch's rows (right after the batch's vectors,
+  as staging computes them, when every example is in the Fisher);
+* the same plan one backward per row (``reference``), the path before batching;
+* the previous default, the exact expected Fisher on ``ceil(8192 / C)`` examples, one backward
+  per class.
+
+Models: a 784-1024-512-10 MLP (1.33M parameters, random weights) over 65,536 random examples,
+or (``--mnist``) the first checkpoint of ``bench/fidelity.py``'s MNIST MLP over its 4,000
+training examples (built or read from ``bench/.cache``).
+
+    python bench/fisher_cost.py                  # the 1.3M-parameter MLP, 65,536 examples
+    python bench/fisher_cost.py --mnist          # MNIST-5k, 4,000 examples
+    python bench/fisher_cost.py --mnist --compressor dropout-sjlt --dim 4096 --masks 1
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,44 +37,107 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fidelity import TimedFeaturizer  # noqa: E402
+from _fidelity_data import Cache, MnistSettings, mnist_benchmark  # noqa: E402
 
-from gradindex import CompressionConfig, InMemoryIndex, PreconditionerConfig  # noqa: E402
+from gradindex import CompressionConfig, Featurizer, PreconditionerConfig  # noqa: E402
+from gradindex.indexer.fisher import FisherPlan  # noqa: E402
 from gradindex.indexer.tasks import ArrayClassificationTask  # noqa: E402
 
+PREVIOUS_BUDGET = 8192
+"""The budget of the previous default: exact rows (one per class) on ``ceil(8192 / C)``
+examples."""
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=65536)
-    parser.add_argument("--budget", type=int, default=PreconditionerConfig().fisher_budget)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+
+def _cpu_seconds(fn: Callable[[Sequence[dict[str, Any]]], Any],
+                 batches: Sequence[Sequence[dict[str, Any]]]) -> float:
+    start = time.process_time()
+    for batch in batches:
+        fn(batch)
+    return time.process_time() - start
+
+
+def _batches(payloads: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    return [list(payloads[lo : lo + size]) for lo in range(0, len(payloads), size)]
+
+
+def _task(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], str]:
+    if args.mnist:
+        bench = mnist_benchmark(MnistSettings(), Cache(Path(__file__).parent / ".cache"))
+        return bench.single, bench.train, "MNIST MLP 784-128-128-10 (first checkpoint)"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(),
                           nn.Linear(512, 10)).eval()
-    params = sum(p.numel() for p in model.parameters())
     rng = np.random.default_rng(0)
     x = rng.random((args.examples, 784), dtype=np.float32)
     y = rng.integers(0, 10, args.examples)
     task = ArrayClassificationTask(model, x, y, n_classes=10)
-    compression = CompressionConfig()
-    pcfg = PreconditionerConfig(fisher_budget=args.budget)
-    start = time.perf_counter()
-    feat = TimedFeaturizer(task, compression, device="cpu")
-    index = InMemoryIndex.fit(task, compression, pcfg, featurizer=feat)
-    total = time.perf_counter() - start
-    vectors = feat.seconds - feat.fisher_seconds
-    plan = index.fisher_plan
+    return task, [p for _, p in task.examples()], "MLP 784-1024-512-10 (random weights)"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mnist", action="store_true", help="the MNIST benchmark's MLP")
+    parser.add_argument("--examples", type=int, default=65536)
+    parser.add_argument("--budget", type=int, default=PreconditionerConfig().fisher_budget)
+    parser.add_argument("--compressor", default=CompressionConfig().compressor)
+    parser.add_argument("--dim", type=int, default=CompressionConfig().dim)
+    parser.add_argument("--masks", type=int, default=CompressionConfig().masks)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    task, train, name = _task(args)
+    compression = CompressionConfig(compressor=args.compressor, dim=args.dim, masks=args.masks)
+    feat = Featurizer(task, compression, device="cpu")
+    params = sum(p.numel() for p in feat.models[0].parameters())
+    bs = compression.batch_size
+    plan = feat.plan_fisher(PreconditionerConfig(fisher_budget=args.budget), train[:bs],
+                            len(train))
+    members = plan.members()
+    fitted = [p for i, p in enumerate(train) if members is None or members[i]]
+    old_n = min(len(train), math.ceil(PREVIOUS_BUDGET / int(plan.classes or 1)))
+    old_plan = FisherPlan(kind="expected", requested="auto", examples=len(train),
+                          subset=old_n, samples=None, classes=plan.classes,
+                          budget=PREVIOUS_BUDGET)
+    old_members = old_plan.members()
+    old = [p for i, p in enumerate(train) if old_members is None or old_members[i]]
+
+    def rows(reference: bool) -> Callable[[Sequence[dict[str, Any]]], Any]:
+        return lambda batch: feat.fisher(batch, plan.kind, plan.samples or 1, rank=plan.rank,
+                                         reference=reference)
+
+    feat.raw(train[:bs])  # warm up both paths (first calls load lazily)
+    rows(False)(train[:bs])
+    rows(True)(train[:bs])
+    if members is None:
+        # every example in the Fisher: a batch's rows right after its vectors, as staging does
+        vectors = new = reference = 0.0
+        for batch in _batches(train, bs):
+            vectors += _cpu_seconds(feat.raw, [batch])
+            new += _cpu_seconds(rows(False), [batch])
+        for batch in _batches(train, bs):
+            vectors += _cpu_seconds(feat.raw, [batch])
+            reference += _cpu_seconds(rows(True), [batch])
+        vectors /= 2
+    else:  # members in full batches of their own (FisherBatcher)
+        vectors = _cpu_seconds(feat.raw, _batches(train, bs))
+        new = _cpu_seconds(rows(False), _batches(fitted, bs))
+        reference = _cpu_seconds(rows(True), _batches(fitted, bs))
+    previous = _cpu_seconds(lambda b: feat.fisher(b, "expected", reference=True),
+                            _batches(old, bs))
     result = {
-        "params": params, "examples": args.examples, "budget": args.budget,
-        "plan": plan.describe() if plan else "", "vectors_s": vectors,
-        "fisher_s": feat.fisher_seconds, "finalize_s": total - feat.seconds,
-        "fisher_share": feat.fisher_seconds / vectors,
+        "model": name, "params": params, "examples": len(train), "budget": args.budget,
+        "compression": compression.to_json(), "plan": plan.describe(),
+        "vectors_s": vectors, "fisher_s": new, "fisher_reference_s": reference,
+        "previous_default_s": previous, "fisher_share": new / vectors,
+        "reference_share": reference / vectors, "previous_share": previous / vectors,
     }
-    print(f"MLP 784-1024-512-10 ({params:,} parameters), {args.examples:,} examples, batch 32,"
-          f" one CPU thread\n{result['plan']}\nvectors {vectors:.1f}s, Fisher rows "
-          f"{feat.fisher_seconds:.1f}s (+{result['fisher_share']:.0%} of featurize), finalize "
-          f"{result['finalize_s']:.1f}s")
+    print(f"{name} ({params:,} parameters), {len(train):,} examples, {args.compressor} "
+          f"k={args.dim} ×{args.masks}, batch {bs}, one CPU thread (CPU seconds)\n"
+          f"{result['plan']}\n"
+          f"vectors {vectors:.1f}s; Fisher rows batched {new:.1f}s "
+          f"(+{result['fisher_share']:.0%}), one backward per row {reference:.1f}s "
+          f"(+{result['reference_share']:.0%}); previous default ({old_n} examples × "
+          f"{plan.classes} classes, one backward per class) {previous:.1f}s "
+          f"(+{result['previous_share']:.0%})")
     return result
 
 

@@ -205,7 +205,8 @@ def test_filter_delete_and_refinalize(
     with pytest.raises(ConfigError, match="staged with the 'expected' Fisher"):
         refinalize(settings, "digits", fisher="sampled")
 
-    full = InMemoryIndex.fit(store_task, featurizer.config, PreconditionerConfig(shape="full"),
+    full = InMemoryIndex.fit(store_task, featurizer.config,
+                             PreconditionerConfig(shape="full", damping=0.1),
                              featurizer=featurizer)
     refinalize(settings, "digits", shape="full", damping=0.1)
     reff = (queries @ full.vectors.T).numpy()
@@ -291,7 +292,7 @@ def test_reader_sees_one_version_while_publishing(
 ) -> None:
     """Open the index over and over while another thread publishes new versions."""
     build(make_config(), settings, featurizer=featurizer)
-    dampings = [0.1, 1.0]
+    dampings = [PreconditionerConfig().damping, 1.0]
     expected = {d: (queries[:2] @ reference.with_damping(d).vectors.T).numpy() for d in dampings}
     errors: list[BaseException] = []
     stop = threading.Event()

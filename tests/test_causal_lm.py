@@ -111,7 +111,8 @@ def test_factorized_equals_flat_mask_over_padded_tokens(checkpoints, model: str,
     """[B, T, D] with padding: the hooked block equals the same coordinates of the full
     per-example gradient, for GPT-2's transposed Conv1D and an nn.Linear with a bias."""
     task = CausalLMTask(str(checkpoints[model]))
-    fact = Featurizer(task, CompressionConfig(keep=keep, masks=2, modules=(pattern,)),
+    fact = Featurizer(task, CompressionConfig(compressor="factorized-dropout", keep=keep, masks=2,
+                                              modules=(pattern,)),
                       device="cpu")
     assert {type(m).__name__ for m in fact.modules[0].values()} == {kind}
     assert all(ly.bias and ly.transposed == (kind == "Conv1D") for ly in fact.layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -25,9 +26,15 @@ ATOL = 1e-5
 RTOL = 1e-4
 
 
+def _fact(**settings: Any) -> CompressionConfig:
+    """Settings of the factorized compressor, pinned where a test is about it (the default is
+    `dropout-sjlt`)."""
+    return CompressionConfig(compressor="factorized-dropout", **settings)
+
+
 def _factorized_and_flat(task, keep: float, masks: int = 1):
     """A factorized featurizer and a flat-dropout one restricted to the same coordinates."""
-    fact = Featurizer(task, CompressionConfig(keep=keep, masks=masks), device="cpu")
+    fact = Featurizer(task, _fact(keep=keep, masks=masks), device="cpu")
     flats = [
         [
             DropoutCompressor(
@@ -64,7 +71,7 @@ def test_factorized_equals_flat_mask_on_vectors(mlp_task, keep: float) -> None:
 
 def test_bias_column_is_drawn_like_any_input(mlp_task) -> None:
     """The bias column is neither forced in nor out: over many masks it is sometimes kept."""
-    fact = Featurizer(mlp_task, CompressionConfig(keep=0.1, masks=40), device="cpu")
+    fact = Featurizer(mlp_task, _fact(keep=0.1, masks=40), device="cpu")
     first = fact.layers[0]
     kept = [bool((comp.cols[first.name] == first.d_in).any()) for comp in fact.compressors[0]]
     assert 0 < sum(kept) < len(kept)
@@ -87,7 +94,7 @@ def test_keep_one_gives_exact_per_example_gradients(logreg_task, compressor: str
 def test_hooked_gradients_match_a_plain_backward_loop(seq_task) -> None:
     """Reference: one backward per example, reading the weights' .grad."""
     payloads = [p for _, p in seq_task.examples()][:5]
-    feat = Featurizer(seq_task, CompressionConfig(keep=1.0), device="cpu")
+    feat = Featurizer(seq_task, _fact(keep=1.0), device="cpu")
     got = feat.raw(payloads)
     model = seq_task.model()
     for i, payload in enumerate(payloads):
@@ -103,7 +110,7 @@ def test_hooked_gradients_match_a_plain_backward_loop(seq_task) -> None:
 
 def test_vectors_do_not_depend_on_batching(seq_task) -> None:
     payloads = [p for _, p in seq_task.examples()]
-    feat = Featurizer(seq_task, CompressionConfig(keep=0.4, masks=2), device="cpu")
+    feat = Featurizer(seq_task, _fact(keep=0.4, masks=2), device="cpu")
     whole = feat.raw(payloads)
     pieces = torch.cat([feat.raw(payloads[i : i + 5]) for i in range(0, len(payloads), 5)])
     reverse = feat.raw(payloads[::-1]).flip(0)
@@ -140,17 +147,17 @@ def test_masks_are_identical_across_processes() -> None:
 
 
 def test_masks_differ_by_checkpoint_mask_and_seed(mlp_task) -> None:
-    feat = Featurizer(mlp_task, CompressionConfig(keep=0.2, masks=2), device="cpu")
+    feat = Featurizer(mlp_task, _fact(keep=0.2, masks=2), device="cpu")
     layer = feat.layers[0]
     a, b = feat.compressors[0]
     assert not torch.equal(a.coordinates(layer.name), b.coordinates(layer.name))
     other_seed = FactorizedDropoutCompressor(feat.layers, feat.keep,
-                                             CompressionConfig(keep=0.2, seed=1))
+                                             _fact(keep=0.2, seed=1))
     assert not torch.equal(a.coordinates(layer.name), other_seed.coordinates(layer.name))
-    again = FactorizedDropoutCompressor(feat.layers, feat.keep, CompressionConfig(keep=0.2))
+    again = FactorizedDropoutCompressor(feat.layers, feat.keep, _fact(keep=0.2))
     assert torch.equal(a.coordinates(layer.name), again.coordinates(layer.name))
     other_checkpoint = FactorizedDropoutCompressor(feat.layers, feat.keep,
-                                                   CompressionConfig(keep=0.2), checkpoint=1)
+                                                   _fact(keep=0.2), checkpoint=1)
     assert not torch.equal(a.coordinates(layer.name), other_checkpoint.coordinates(layer.name))
     assert all(not torch.equal(a.coordinates(ly.name), other_checkpoint.coordinates(ly.name))
                for ly in feat.layers)
@@ -172,9 +179,9 @@ def test_sjlt_folds_the_wide_mask_with_one_signed_bucket_per_coordinate(mlp_task
     sjlt = Featurizer(mlp_task, cfg, device="cpu")
     comp = sjlt.compressors[0][0]
     wide_keep = 0.05 * 4
-    wide = Featurizer(mlp_task, CompressionConfig(keep=wide_keep, masks=1), device="cpu",
+    wide = Featurizer(mlp_task, _fact(keep=wide_keep, masks=1), device="cpu",
                       compressors=[[FactorizedDropoutCompressor(
-                          sjlt.layers, wide_keep, CompressionConfig(keep=wide_keep))]])
+                          sjlt.layers, wide_keep, _fact(keep=wide_keep))]])
     raw_wide, raw = wide.raw(payloads).double(), sjlt.raw(payloads).double()
     lo_w = lo = 0
     for (name, k), (_, wide_k) in zip(comp.blocks, wide.compressors[0][0].blocks, strict=True):
@@ -194,7 +201,7 @@ def test_sjlt_passes_coordinates_through_when_nothing_folds(mlp_task) -> None:
     payloads = [p for _, p in mlp_task.examples()][:4]
     sjlt = Featurizer(mlp_task, CompressionConfig(compressor="dropout-sjlt", keep=1.0),
                       device="cpu").raw(payloads)
-    full = Featurizer(mlp_task, CompressionConfig(keep=1.0), device="cpu").raw(payloads)
+    full = Featurizer(mlp_task, _fact(keep=1.0), device="cpu").raw(payloads)
     torch.testing.assert_close(sjlt, full, atol=ATOL, rtol=RTOL)
 
 
@@ -212,7 +219,7 @@ def test_gaussian_projection_preserves_inner_products_on_average(mlp_task, monke
     """JL: E[(Px)·(Py)] = x·y; with k large the relative error is small."""
     monkeypatch.setattr(GaussianCompressor, "CHUNK", 100)  # exercise the chunked generation
     payloads = [p for _, p in mlp_task.examples()][:6]
-    full = Featurizer(mlp_task, CompressionConfig(keep=1.0), device="cpu").raw(payloads)
+    full = Featurizer(mlp_task, _fact(keep=1.0), device="cpu").raw(payloads)
     proj = Featurizer(mlp_task, CompressionConfig(compressor="gaussian", keep=0.9, masks=1),
                       device="cpu").raw(payloads)
     gram_full, gram_proj = full @ full.T, proj @ proj.T
@@ -237,7 +244,7 @@ def test_factorized_rejects_non_linear_modules(seq_task) -> None:
             return {"norm": torch.nn.LayerNorm(4)}
 
     with pytest.raises(ConfigError, match="nn.Linear"):
-        Featurizer(ConvTask(), CompressionConfig(keep=0.5), device="cpu")
+        Featurizer(ConvTask(), _fact(keep=0.5), device="cpu")
 
 
 @pytest.mark.parametrize("compressor", ["dropout", "gaussian"])

@@ -29,16 +29,22 @@ from gradindex import (
 from gradindex.indexer.build import finalize, stage
 from gradindex.indexer.build_config import BuildHooks
 from gradindex.indexer.config import AUTO_MAX_CLASSES, MAX_SAMPLES
-from gradindex.indexer.fisher import fisher_subset
+from gradindex.indexer.featurize import expected_cotangents
+from gradindex.indexer.fisher import FisherPlan, fisher_subset
 from gradindex.indexer.precondition import Preconditioner
 from gradindex.indexer.store import IndexVersion, connect, current_version, load_manifest
 from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import STORE_TASK, STORE_TASK_ARGS
+from .factories import SequenceTask
 
+ATOL = 1e-6
+RTOL = 1e-5
+"""Batched against one-backward-per-row Fisher rows: float32 rounding of the same sums."""
 BATCH = 16
 BUDGET = 200
-"""Fisher rows of the bounded builds: 20 of the 300 examples × 10 classes."""
+"""Fisher rows of the bounded builds: 200 of the 300 examples × their top direction."""
+SUBSET = 200
 
 
 class NoLogits:
@@ -122,9 +128,16 @@ def test_budget_spends_rows_on_a_subset_of_a_large_training_set(digits: DigitsTa
     feat = Featurizer(digits, CompressionConfig(batch_size=BATCH), device="cpu")
     payloads = [p for _, p in list(digits.examples())[:BATCH]]
     plan = feat.plan_fisher(PreconditionerConfig(fisher_budget=BUDGET), payloads, 300)
-    assert (plan.kind, plan.subset, plan.rows) == ("expected", 20, 200)
+    assert (plan.kind, plan.subset, plan.rank, plan.rows) == ("expected", SUBSET, 1, 200)
     members = plan.members()
-    assert members is not None and members.sum() == 20
+    assert members is not None and members.sum() == SUBSET
+    # a budget of a few rows per example: that many top directions on every example
+    three = feat.plan_fisher(PreconditionerConfig(fisher_budget=1000), payloads, 300)
+    assert (three.subset, three.rank, three.rows, three.members()) == (300, 3, 900, None)
+    assert "top 3 of 10" in three.describe()
+    # C rows per example: one per class, exact
+    exact = feat.plan_fisher(PreconditionerConfig(fisher_budget=3000), payloads, 300)
+    assert (exact.rank, exact.rows_per_example, exact.subset) == (None, 10, 300)
     sampled = Featurizer(NoLogits(digits), feat.config, device="cpu").plan_fisher(
         PreconditionerConfig(fisher_budget=BUDGET), payloads, 300)
     assert (sampled.kind, sampled.samples, sampled.subset) == ("sampled", 1, 200)
@@ -186,8 +199,9 @@ def test_fisher_subset_is_identical_across_shards_and_a_resumed_build(
     assert "Fisher: expected (the task's logits give 10 classes)" in caplog.text
     vectors, precond, manifest = _published(settings, "one")
     assert manifest["preconditioner"]["fisher"] == "expected"
-    assert manifest["fisher"]["requested"] == "auto" and manifest["fisher"]["subset"] == 20
-    members = fisher_subset(seed=0, examples=300, size=20).nonzero()[0].tolist()
+    assert manifest["fisher"]["requested"] == "auto" and manifest["fisher"]["subset"] == SUBSET
+    assert manifest["fisher"]["rank"] == 1
+    members = fisher_subset(seed=0, examples=300, size=SUBSET).nonzero()[0].tolist()
     assert _staged_fisher_positions(settings, "one") == members
 
     for shard in (1, 0):  # shards in any order
@@ -264,3 +278,75 @@ def test_an_index_of_the_old_format_still_serves_and_refinalizes(
     ref3 = (queries @ reference.with_damping(0.3).vectors.T).numpy()
     for q, row in enumerate(fresh.search(queries, 5)):
         assert row[0].external_id == reference.ids[int(np.argmax(ref3[q]))]
+
+
+@pytest.mark.parametrize("compressor", ["factorized-dropout", "dropout-sjlt", "dropout",
+                                        "gaussian"])
+@pytest.mark.parametrize("rank", [None, 3])
+@pytest.mark.parametrize("make", [lambda: DigitsTask("mlp", train_size=80, hidden=16),
+                                  SequenceTask], ids=["mlp", "tokens"])
+def test_batched_fisher_rows_equal_one_backward_per_row(
+    make: Any, compressor: str, rank: int | None,
+) -> None:
+    """One batched backward (hooks) or one vmapped vjp (full gradients) for every row gives
+    the rows one backward per row gave, in the same order, for every mask; per class or the
+    top directions, one token or several."""
+    task = make()
+    payloads = [p for _, p in list(task.examples())[:12]]
+    feat = Featurizer(task, CompressionConfig(compressor=compressor, keep=0.4, masks=2),
+                      device="cpu")
+    batched = feat.fisher(payloads, "expected", rank=rank)
+    reference = feat.fisher(payloads, "expected", rank=rank, reference=True)
+    classes = 10 if isinstance(task, DigitsTask) else 3
+    per = min(rank or classes, classes)
+    assert batched.shape == reference.shape == (per * len(payloads), feat.dim)
+    torch.testing.assert_close(batched, reference, atol=ATOL, rtol=RTOL)
+    plan = FisherPlan(kind="expected", requested="expected", examples=None, subset=None,
+                      samples=None, classes=classes, budget=None, rank=rank)
+    per_example = feat.fisher_rows(payloads, plan)  # [B, R, dim]
+    torch.testing.assert_close(per_example[3], reference[3 :: len(payloads)], atol=ATOL,
+                               rtol=RTOL)
+
+
+def test_top_directions_approach_the_expected_fisher_and_all_but_one_are_exact(
+    digits: DigitsTask,
+) -> None:
+    """``C - 1`` top directions of ``diag(p) - p pᵀ`` give the expected Fisher exactly (its
+    rank is ``C - 1``); fewer give a smaller part of it, more with each direction."""
+    payloads = [p for _, p in list(digits.examples())[:24]]
+    feat = Featurizer(digits, CompressionConfig(keep=1.0), device="cpu")
+    exact = feat.fisher(payloads, "expected").double()
+    target = exact.T @ exact
+    errors = []
+    for rank in (1, 2, 4, 9):
+        rows = feat.fisher(payloads, "expected", rank=rank).double()
+        assert rows.shape[0] == rank * len(payloads)
+        errors.append(float(torch.linalg.norm(rows.T @ rows - target) /
+                            torch.linalg.norm(target)))
+    assert errors[0] > errors[1] > errors[2] > 0.01 and errors[3] < 1e-5
+    logits = torch.randn(5, 7)
+    p = torch.softmax(logits, -1)
+    h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    for rank in (None, 6):
+        v = expected_cotangents(logits, rank=rank)
+        torch.testing.assert_close(torch.einsum("rbi,rbj->bij", v, v), h, atol=1e-6, rtol=0)
+
+
+def test_a_batchs_fisher_rows_reuse_its_collation_and_no_other(digits: DigitsTask) -> None:
+    """Rows right after the same payloads' vectors reuse their batch; other payloads (even
+    equal ones, or a list changed in place) are collated afresh."""
+    payloads = [p for _, p in list(digits.examples())[:BATCH]]
+    others = [p for _, p in list(digits.examples())[BATCH : 2 * BATCH]]
+    fresh = Featurizer(digits, CompressionConfig(batch_size=BATCH), device="cpu")
+    want = fresh.fisher(others, "expected", rank=2)
+    feat = Featurizer(digits, CompressionConfig(batch_size=BATCH), device="cpu")
+    feat.raw(payloads)
+    batch = feat._collated(payloads)
+    assert feat._collated(payloads) is batch and feat._collated(list(payloads)) is batch
+    torch.testing.assert_close(feat.fisher(others, "expected", rank=2), want)
+    changed = list(payloads)
+    feat.raw(changed)
+    changed[0] = others[0]
+    assert feat._collated(changed) is not batch
+    torch.testing.assert_close(feat.raw(changed)[0], fresh.raw(others[:1])[0], atol=ATOL,
+                               rtol=RTOL)

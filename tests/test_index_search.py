@@ -78,7 +78,8 @@ class Tagged(DigitsTask):
 
 def test_a_checkpoint_ensemble_scores_the_mean_of_its_checkpoints(tmp_path: Any) -> None:
     settings = Settings(data_dir=tmp_path / "data")
-    compression = CompressionConfig(keep=0.3, masks=2, batch_size=40)
+    compression = CompressionConfig(compressor="factorized-dropout", keep=0.3, masks=2,
+                                    batch_size=40)
     pcfg = PreconditionerConfig(fisher="expected")
     build(BuildConfig(name="ensemble", task="tests.test_index_search:TwoCheckpoints",
                       compression=compression, preconditioner=pcfg), settings)

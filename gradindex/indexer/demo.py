@@ -26,8 +26,8 @@ DEMO_TASK = "gradindex.indexer.tasks:DigitsTask"
 DEMO_HIDDEN = 32
 
 DEMO_FISHER_BUDGET = 800
-"""Fisher rows of the demo index: 80 of its 1,000 examples × 10 classes, completed by the
-others' gradients, so its staging (raw gradients and Fisher rows) stays under twice its
+"""Fisher rows of the demo index: the top direction of 800 of its 1,000 examples, completed
+by the others' gradients, so its staging (raw gradients and Fisher rows) stays under twice its
 published vectors; the default budget (8,192 rows) would stage 8× more rows than vectors."""
 
 

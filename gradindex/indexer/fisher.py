@@ -3,11 +3,13 @@
 ``auto`` (the default) becomes the most faithful kind the task offers (DESIGN §1): ``expected``
 when ``task.logits`` gives ``[B, C]`` with a modest C, ``sampled`` when ``task.loss(...,
 sample=True)`` draws targets from the model, ``empirical`` otherwise. The ``sampled`` and
-``expected`` kinds cost one backward pass per Fisher row (C per example, or one per sample), so
-they are fitted on a budget of rows: a large training set spends it on a seeded subset of its
-examples, a small one on more samples per example. The subset is a pure function of a hashed
-key (seed, training-set size, subset size), like the masks of :mod:`.masks`, so every shard,
-process and resumed build picks the same examples. Vectors are still computed for every example.
+``expected`` kinds cost extra model passes (one batched backward for an example's ``expected``
+rows, one pass per sample), so they are fitted on a budget of rows: a large training set spends
+it on a seeded subset of its examples, a small one on more rows per example (more samples, or
+more of the top directions of each example's output Hessian). The subset is a pure function of
+a hashed key (seed, training-set size, subset size), like the masks of :mod:`.masks`, so every
+shard, process and resumed build picks the same examples. Vectors are still computed for every
+example.
 """
 
 from __future__ import annotations
@@ -102,13 +104,17 @@ class FisherPlan:
     """The row budget asked for (None: unbounded)."""
     seed: int = 0
     """Seed of the subset (the compression seed)."""
+    rank: int | None = None
+    """``expected`` only: rows per example, the top eigen-directions of each example's output
+    Hessian, when the budget buys fewer than ``classes`` per example (None: one row per class;
+    ``classes - 1`` directions are exact too)."""
     note: str = field(default="", compare=False)
     """Why this kind, for the log (not part of the plan's identity)."""
 
     @property
     def rows_per_example(self) -> int:
         if self.kind == "expected":
-            return int(self.classes or 1)
+            return int(self.rank or self.classes or 1)
         if self.kind == "sampled":
             return int(self.samples or 1)
         return 1
@@ -129,7 +135,9 @@ class FisherPlan:
         """One line for the build's log."""
         if self.kind == "empirical":
             return f"Fisher: {self.note}; fitted on every example's gradient (no extra pass)"
-        per = (f"{self.classes} classes" if self.kind == "expected"
+        per = (f"{self.classes} classes" if self.kind == "expected" and self.rank is None
+               else f"the top {self.rank} of {self.classes} classes' directions"
+               if self.kind == "expected"
                else f"{self.samples} sample{'s' if self.samples != 1 else ''}")
         n = self.subset if self.subset is not None else self.examples
         of = f" of {self.examples}" if self.examples is not None else ""
@@ -151,7 +159,8 @@ class FisherPlan:
         return cls(kind=kind, requested=info.get("requested", kind),
                    examples=info.get("examples"), subset=info.get("subset"),
                    samples=info.get("samples"), classes=info.get("classes"),
-                   budget=info.get("budget"), seed=int(info.get("seed", seed)))
+                   budget=info.get("budget"), seed=int(info.get("seed", seed)),
+                   rank=info.get("rank"))
 
 
 def plan_fisher(
@@ -159,10 +168,15 @@ def plan_fisher(
 ) -> FisherPlan:
     """Resolve the kind and spend the budget.
 
-    ``expected`` fits ``ceil(budget / C)`` examples. ``sampled`` draws ``budget // N`` samples
-    per example when that is more than one (up to :data:`MAX_SAMPLES`; a small training set),
-    else one sample on ``budget`` examples; an explicit ``samples`` is kept and the subset
-    shrinks to fit. Without a budget every example is fitted (4 samples unless set).
+    ``expected`` spends the budget as ``sampled`` does: one row per class (exact) on every
+    example when ``budget // N`` reaches ``C``, else ``budget // N`` rows per example (the
+    top eigen-directions of its output Hessian, at least one) on ``ceil(budget / rows)``
+    examples; an example's top directions hold most of its Fisher (digits: 2 hold 83-89%), so
+    covering every example beats exact rows on a subset (bench/RESULTS.md). ``sampled`` draws
+    ``budget // N`` samples per example when that is more than one (up to :data:`MAX_SAMPLES`;
+    a small training set), else one sample on ``budget`` examples; an explicit ``samples`` is
+    kept and the subset shrinks to fit. Without a budget every example is fitted (4 samples
+    unless set).
 
     Raises:
         ConfigError: ``expected`` was asked for and the task has no ``[B, C]`` logits, or the
@@ -186,9 +200,11 @@ def plan_fisher(
                           "task a __len__, or set fisher_budget=None")
     if kind == "expected":
         classes = int(support.classes or 1)
-        subset = min(examples, max(1, math.ceil(budget / classes)))
+        per = budget // max(examples, 1)
+        rank = None if per >= classes else max(1, per)
+        subset = min(examples, max(1, math.ceil(budget / (rank or classes))))
         return FisherPlan(examples=examples, subset=subset, samples=None, classes=classes,
-                          **common)
+                          rank=rank, **common)
     samples = config.samples or max(1, min(MAX_SAMPLES, budget // max(examples, 1)))
     subset = min(examples, max(1, math.ceil(budget / samples)))
     return FisherPlan(examples=examples, subset=subset, samples=samples, classes=None, **common)

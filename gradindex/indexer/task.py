@@ -193,8 +193,8 @@ class TaskAdapter:
     * ``checkpoints()``: several models to ensemble over (``model(checkpoint)`` loads one);
       default the one model of ``model()``.
     * ``logits(model, batch) -> [B, C]``: classifiers; enables the ``expected`` Fisher (the
-      most faithful: digits LDS 0.92-0.95 against 0.72 for the empirical one) and the page's
-      prediction. ``fisher="auto"`` uses it up to 1,024 classes.
+      most faithful: digits LDS 0.949, exact influence's, against 0.771 for the empirical
+      one) and the page's prediction. ``fisher="auto"`` uses it up to 1,024 classes.
     * ``loss(model, batch, sample=True)`` (required signature, optional behaviour): targets
       drawn from the model's own predictive distribution; enables the ``sampled`` Fisher, what
       ``auto`` uses without ``logits``. A loss that ignores ``sample`` gets the ``empirical``
