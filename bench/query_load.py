@@ -157,6 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the table
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     total = 300 if args.quick else args.requests
     if args.search_threads:
         threadpool_limits(args.search_threads, user_api="blas")

@@ -90,12 +90,14 @@ INLINE_HITS = 256
 """An influence answer of at most this many hits (not rendered) is built on the event loop."""
 
 
-def get_registry(request: Request) -> IndexRegistry:
+# Dependencies that do no I/O are async: FastAPI runs a plain `def` one on a worker thread,
+# a hop that costs more than the work.
+async def get_registry(request: Request) -> IndexRegistry:
     registry: IndexRegistry = request.app.state.registry
     return registry
 
 
-def get_settings(request: Request) -> ServerSettings:
+async def get_settings(request: Request) -> ServerSettings:
     settings: ServerSettings = request.app.state.settings
     return settings
 
