@@ -70,6 +70,24 @@ class SequenceTask:
         return F.cross_entropy(logits, target, reduction="none")
 
 
+class PositionMetaTask(SequenceTask):
+    """Sequences whose metadata is a function of their position, :meth:`meta_of` (payloads
+    carry the position as ``n``)."""
+
+    @staticmethod
+    def meta_of(n: int) -> dict[str, Any]:
+        return {"n": n}
+
+    def examples(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(i, {**p, "n": n}) for n, (i, p) in enumerate(super().examples())]
+
+    def collate(self, payloads: list[dict[str, Any]]) -> Any:
+        return super().collate([{"x": p["x"], "y": p["y"]} for p in payloads])
+
+    def metadata(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.meta_of(payload["n"])
+
+
 class MeanLossTask(SequenceTask):
     """Breaks the contract: returns the batch mean, not per-example losses."""
 

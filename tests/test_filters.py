@@ -22,7 +22,7 @@ from gradindex.indexer.reader import Index
 from gradindex.indexer.settings import Settings
 from gradindex.indexer.store import upgrade
 
-from .factories import SequenceTask
+from .factories import PositionMetaTask
 
 N = 24
 
@@ -37,17 +37,10 @@ def meta_of(n: int) -> dict[str, Any]:
     return meta
 
 
-class MetaTask(SequenceTask):
+class MetaTask(PositionMetaTask):
     """Sequences whose metadata is :func:`meta_of` their position."""
 
-    def examples(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(i, {**p, "n": n}) for n, (i, p) in enumerate(super().examples())]
-
-    def collate(self, payloads: list[dict[str, Any]]) -> Any:
-        return super().collate([{"x": p["x"], "y": p["y"]} for p in payloads])
-
-    def metadata(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return meta_of(payload["n"])
+    meta_of = staticmethod(meta_of)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

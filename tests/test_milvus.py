@@ -38,7 +38,7 @@ from gradindex.indexer.store.milvus import (
 from gradindex.indexer.tasks import DigitsTask
 
 from .conftest import REPO, STORE_TASK, STORE_TASK_ARGS, LiveServer, gradindex_cli, storage_env
-from .factories import PAUSED_MARK, SequenceTask
+from .factories import PAUSED_MARK, PositionMetaTask
 from .test_build_process import kill_when_paused
 
 RTOL = 1e-5
@@ -68,20 +68,13 @@ def meta_of(n: int) -> dict[str, Any]:
     return meta
 
 
-class MetaTask(SequenceTask):
+class MetaTask(PositionMetaTask):
     """Sequences whose metadata is :func:`meta_of` their position."""
+
+    meta_of = staticmethod(meta_of)
 
     def __init__(self, n: int = N) -> None:
         super().__init__(n=n)
-
-    def examples(self) -> list[tuple[str, dict[str, Any]]]:
-        return [(i, {**p, "n": n}) for n, (i, p) in enumerate(super().examples())]
-
-    def collate(self, payloads: list[dict[str, Any]]) -> Any:
-        return super().collate([{"x": p["x"], "y": p["y"]} for p in payloads])
-
-    def metadata(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return meta_of(payload["n"])
 
 
 FILTERS: list[Any] = [
