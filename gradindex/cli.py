@@ -235,7 +235,9 @@ def build_cmd(
                              ] = _P.fisher_budget,
     shape: Annotated[Shape, typer.Option(help="Preconditioner shape.")] = _P.shape,
     damping: Annotated[float, typer.Option(help="λ as a multiple of tr(F)/k.")] = _P.damping,
-    batch_size: Annotated[int, typer.Option(help="Examples per model pass.")] = _C.batch_size,
+    batch_size: Annotated[int, typer.Option(
+        help="Examples per model pass; lower it for long sequences on a small GPU.")
+    ] = _C.batch_size,
     modules: Annotated[list[str] | None, typer.Option(
         "--modules", metavar="PATTERN", show_default="the task's choice",
         help="Attribute the modules whose names match this fnmatch pattern ('*' matches dots "
