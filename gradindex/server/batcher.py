@@ -59,6 +59,7 @@ class SearchBatcher:
         self.metrics = metrics or Metrics()
         self._waiting: list[_Search] = []
         self._busy = False
+        self._draining: asyncio.Task[None] | None = None
 
     async def rank(
         self, queries: np.ndarray, k: int, *, directions: Sequence[str],
@@ -79,7 +80,7 @@ class SearchBatcher:
         self._waiting.append(search)
         if not self._busy:
             self._busy = True
-            loop.create_task(self._drain())
+            self._draining = loop.create_task(self._drain())  # held: the loop keeps weak refs
         return await search.future
 
     async def _drain(self) -> None:
