@@ -132,7 +132,8 @@ def breakdown(index: Index, featurizer: Featurizer, payload: dict[str, Any],
         ("search: scan + sign counts", _median_ms(
             lambda: index.searcher.scan(q.numpy(), K, exclude=index.examples.deleted()))),
         ("search: deleted ids + hits (SQL)", _median_ms(
-            lambda: index.examples.hits(np.asarray(index.ids[:K]), np.zeros(K)))),
+            lambda: (index.examples.deleted(),
+                     index.examples.hits(np.asarray(index.ids[:K]), np.zeros(K))))),
         ("response models + JSON", _median_ms(respond)),
     ]
     # the server runs the prediction pass beside the search, so it is not added twice

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, ExampleNotFound
-from .store import FaissConfig, ScaledRows, exact_topk, relative_scale, search_faiss
+from .store import FaissConfig, ScaledRows, relative_scale, search_faiss
 
 __all__ = [
     "DIRECTIONS",
@@ -194,13 +194,11 @@ class Searcher:
         """
         check_search(k, direction)
         sign = 1.0 if direction == "proponents" else -1.0
+        if self.scannable(include):
+            return self.scan(queries, k, directions=(direction,), include=include,
+                             exclude=exclude).top[direction]
         signed = sign * np.asarray(queries, dtype=np.float32)
-        if self.index is None and include is None:  # no FAISS index: scan every row
-            return self._scan(signed, k, sign, exclude)
-        if include is not None and (len(include) <= self.scan_limit or self.index is None):
-            s, rows = exact_topk(self.vectors, self.rows.rows(np.sort(include)), signed, k)
-            ids = np.where(rows >= 0, self.rows.ids[np.maximum(rows, 0)], -1)
-        elif self.config.exact:
+        if self.config.exact:
             s, ids = search_faiss(self.index, self.config, signed, k, include=include,
                                   exclude=exclude)
         else:
@@ -280,22 +278,6 @@ class Searcher:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
             top[d] = (b_s if d == "proponents" else -b_s, ids)
         return Scan(top, positives, negatives)
-
-    def _scan(self, signed: np.ndarray, k: int, sign: float, exclude: np.ndarray | None
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` over all rows, read in file order (contiguous blocks of the
-        memmap), then without the ``exclude`` ids: it asks for ``k + len(exclude)`` so that
-        ``k`` remain."""
-        drop = np.zeros(0, np.int64) if exclude is None else np.asarray(exclude, np.int64)
-        s, rows = exact_topk(self.vectors, None, signed, min(self.count, k + len(drop)))
-        ids = np.where(rows >= 0, self.rows.ids[np.maximum(rows, 0)], -1)
-        out_s = np.full((len(signed), k), -np.inf, dtype=np.float32)
-        out_i = np.full((len(signed), k), -1, dtype=np.int64)
-        for q in range(len(signed)):
-            keep = (ids[q] >= 0) & ~np.isin(ids[q], drop)
-            got_s, got_i = s[q][keep][:k], ids[q][keep][:k]
-            out_s[q, : len(got_s)], out_i[q, : len(got_i)] = got_s, got_i
-        return sign * out_s, out_i
 
     def rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray]:
