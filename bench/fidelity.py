@@ -51,7 +51,9 @@ from _fidelity_data import (  # noqa: E402
 )
 
 from gradindex import CompressionConfig, Featurizer, InMemoryIndex, PreconditionerConfig, Task, lds
+from gradindex.indexer.config import ENSEMBLE_FROM
 from gradindex.indexer.evaluate import topk_overlap
+from gradindex.indexer.task import TaskAdapter
 from gradindex.indexer.tasks import (
     ArrayClassificationTask,
     load_digits_split,
@@ -77,7 +79,10 @@ GAUSSIAN_BATCH = 1000
 a small batch would charge it mostly for random numbers (measured on MNIST: 512 took 1.4× as
 long as 1000)."""
 
-CHECKPOINT_LEVELS = (1, 5, 10)
+CHECKPOINT_LEVELS = (1, 2, 3, 5, 10)
+"""Ensembles are scored at these checkpoint counts (slices of one featurize); an ``auto``
+compression row takes the counts below ``ENSEMBLE_FROM`` from a featurize with what ``auto``
+picks for them."""
 
 
 def scoring_fingerprint() -> str:
@@ -146,8 +151,12 @@ def index_method(
 
 def describe(cc: CompressionConfig, pc: PreconditionerConfig) -> str:
     """A short label: ``factorized-dropout k=4096 ×2, expected, block``."""
-    size = f"keep={cc.keep:g}" if cc.keep is not None else f"k={cc.dim}"
-    masks = f" ×{cc.masks}" if cc.masks > 1 else ""
+    if cc.compressor == "auto" and cc.keep is None and cc.dim is None and cc.masks is None:
+        size, masks = "compression", ""
+    else:
+        cc = cc.resolve(1) if cc.compressor != "auto" else cc
+        size = f"keep={cc.keep:g}" if cc.keep is not None else f"k={cc.dim or 'auto'}"
+        masks = f" ×{cc.masks}" if cc.masks and cc.masks > 1 else ""
     if cc.compressor == "dropout-sjlt" and cc.sjlt_expand != CompressionConfig().sjlt_expand:
         masks += f" (expand {cc.sjlt_expand})"
     if pc.shape == "identity":
@@ -279,10 +288,13 @@ def fisher_methods(name: str) -> list[Method]:
             index_method("defaults", base, "new defaults", ensemble=True, dampings=extra),
             index_method("defaults", base, "old defaults (empirical, every example)",
                          ensemble=True, dampings=extra, **OLD_DEFAULTS),
-            *[index_method("budget", base, ensemble=True, dampings=(0.1,), fisher_budget=b,
-                           **FACTORIZED) for b in (4096, 8192)],
-            *[index_method("budget", base, ensemble=True, dampings=extra, fisher_budget=b,
-                           **sjlt) for b in (4096, 8192)],
+            # what auto picks below and from ENSEMBLE_FROM checkpoints, alone (the same
+            # scores as the defaults' row), and two masks of 2,048 with dropout-sjlt
+            index_method("compression", base, ensemble=True, dampings=extra, **FACTORIZED),
+            index_method("compression", base, ensemble=True, dampings=extra, **sjlt),
+            index_method("compression", base, ensemble=True, dampings=extra,
+                         **{**FACTORIZED, "compressor": "dropout-sjlt"}),
+            index_method("defaults", base, dampings=extra, **gaussian),
         ]
     methods = [
         Method("exact influence", "reference", kind="exact"),
@@ -426,17 +438,19 @@ def checkpoint_scores(index: InMemoryIndex, query_raw: torch.Tensor) -> np.ndarr
 
 def attribute(bench: Benchmark, method: Method, cache: Cache, refresh: bool) -> dict[str, Any]:
     """Per-checkpoint scores ``[D, C, Q, N]`` (one per damping) and the costs, cached."""
-    key = {
-        "bench": bench.key(), "compression": method.compression.to_json(), "wrap": method.wrap,
+    task: Any = bench.task if method.ensemble else bench.single
+    if method.wrap == "no-logits":
+        task = WithoutLogits(task)
+    checkpoints = len(TaskAdapter.of(task).checkpoints())
+    key = {  # what auto picks, not "auto": a row equal to another shares its scores
+        "bench": bench.key(), "compression": method.compression.resolve(checkpoints).to_json(),
+        "wrap": method.wrap,
         "preconditioning": method.preconditioning.to_json(), "ensemble": method.ensemble,
         "dampings": method.all_dampings(), "code": scoring_fingerprint(),
         "queries": len(bench.queries),
     }
 
     def build() -> dict[str, np.ndarray]:
-        task: Any = bench.task if method.ensemble else bench.single
-        if method.wrap == "no-logits":
-            task = WithoutLogits(task)
         log.info("%s: featurizing %s", bench.name, method.label)
         index, featurize_s, shared_s, finalize_s, fisher_s = fit_timed(
             task, method.compression, method.preconditioning, bench.train)
@@ -500,26 +514,33 @@ def run_benchmark(
             rows.append({**_row(bench, method), **evaluate(bench, scores)})
             continue
         result = attribute(bench, method, cache, refresh)
+        few = result
+        if method.ensemble and method.compression.compressor == "auto":
+            few = attribute(bench, dataclasses.replace(
+                method, compression=method.compression.resolve(1)), cache, refresh)
         total_c = int(result["checkpoints"])
         levels = sorted({c for c in CHECKPOINT_LEVELS if c <= total_c} | {total_c})
         for d, damping in enumerate(method.all_dampings()):
             for c in levels:
-                shared = float(result["shared_s"])
-                featurize_s = shared + (float(result["featurize_s"]) - shared) * c / total_c
+                got = few if c < ENSEMBLE_FROM else result
+                shared = float(got["shared_s"])
+                featurize_s = shared + (float(got["featurize_s"]) - shared) * c / total_c
                 rows.append({
                     **_row(bench, method),
+                    **({"compressor": method.compression.resolve(c).compressor}
+                       if method.compression.compressor == "auto" else {}),
                     "damping": damping,
                     "checkpoints": c,
-                    "storage": int(result["dim"]) // total_c,
-                    "keep": float(result["keep"]),
+                    "storage": int(got["dim"]) // total_c,
+                    "keep": float(got["keep"]),
                     "featurize_s": featurize_s,
-                    "finalize_s": float(result["finalize_s"]) * c / total_c,
-                    "fisher_s": float(result.get("fisher_s", 0.0)) * c / total_c,
-                    "fisher_plan": str(result.get("fisher_plan", "")),
+                    "finalize_s": float(got["finalize_s"]) * c / total_c,
+                    "fisher_s": float(got.get("fisher_s", 0.0)) * c / total_c,
+                    "fisher_plan": str(got.get("fisher_plan", "")),
                     "examples_per_s": n / featurize_s,
-                    "cached": bool(result["cached"]),
+                    "cached": bool(got["cached"]),
                     "swept": d > 0,
-                    **evaluate(bench, result["scores"][d, :c].mean(axis=0)),
+                    **evaluate(bench, got["scores"][d, :c].mean(axis=0)),
                 })
     return rows
 

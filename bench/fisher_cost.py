@@ -125,13 +125,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             _batches(old, bs))
     result = {
         "model": name, "params": params, "examples": len(train), "budget": args.budget,
-        "compression": compression.to_json(), "plan": plan.describe(),
+        "compression": feat.config.to_json(), "plan": plan.describe(),
         "vectors_s": vectors, "fisher_s": new, "fisher_reference_s": reference,
         "previous_default_s": previous, "fisher_share": new / vectors,
         "reference_share": reference / vectors, "previous_share": previous / vectors,
     }
-    print(f"{name} ({params:,} parameters), {len(train):,} examples, {args.compressor} "
-          f"k={args.dim} ×{args.masks}, batch {bs}, one CPU thread (CPU seconds)\n"
+    cc = feat.config
+    print(f"{name} ({params:,} parameters), {len(train):,} examples, {cc.compressor} "
+          f"k={cc.dim} ×{cc.masks}, batch {bs}, one CPU thread (CPU seconds)\n"
           f"{result['plan']}\n"
           f"vectors {vectors:.1f}s; Fisher rows batched {new:.1f}s "
           f"(+{result['fisher_share']:.0%}), one backward per row {reference:.1f}s "

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     FaissKind: TypeAlias = str
     StoreKind: TypeAlias = str
 else:  # typer offers a Literal's values as the option's choices
-    Compressor = Literal[tuple(COMPRESSORS)]
+    Compressor = Literal[("auto", *COMPRESSORS)]
     Shape = Literal[tuple(SHAPES)]
     Fisher = Literal[FISHER_CHOICES]
     FaissKind = Literal[FAISS_KINDS]
@@ -216,12 +216,17 @@ def build_cmd(
     task_arg: Annotated[list[str] | None, typer.Option(
         metavar="KEY=VALUE", show_default="none",
         help="Task constructor argument (JSON when it parses); repeatable.")] = None,
-    compressor: Annotated[Compressor, typer.Option(help="Compressor.")] = _C.compressor,
+    compressor: Annotated[Compressor, typer.Option(
+        help="Compressor; auto: factorized-dropout k=2048 ×2 for one checkpoint, "
+             "dropout-sjlt k=4096 ×1 for an ensemble of several.")] = _C.compressor,
     keep: Annotated[float | None, typer.Option(
         show_default="unset: --dim decides", help="Fraction of coordinates kept.")] = None,
     dim: Annotated[int | None, typer.Option(
+        show_default="auto's choice, else 2048",
         help="Compressed size per mask (when --keep is unset).")] = _C.dim,
-    masks: Annotated[int, typer.Option(help="Independent masks per checkpoint.")] = _C.masks,
+    masks: Annotated[int | None, typer.Option(
+        show_default="auto's choice, else 2",
+        help="Independent masks per checkpoint.")] = _C.masks,
     seed: Annotated[int, typer.Option(help="Seed of every mask.")] = _C.seed,
     fisher: Annotated[Fisher, typer.Option(
         help="Which gradients estimate the Fisher; auto: expected if the task has logits, "

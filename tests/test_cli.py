@@ -223,7 +223,7 @@ def _options(help_text: str) -> dict[str, str]:
     return {k: " ".join(v.split()) for k, v in entries.items()}
 
 
-CHOICES = {"--compressor": tuple(COMPRESSORS), "--shape": tuple(SHAPES),
+CHOICES = {"--compressor": ("auto", *COMPRESSORS), "--shape": tuple(SHAPES),
            "--fisher": FISHER_CHOICES, "--faiss": FAISS_KINDS}
 FLAGS = {"--verbose", "--help", "--build-only", "--all", "--text"}
 """The options that are plain on/off switches (no value, no default to show)."""

@@ -260,3 +260,72 @@ def test_full_gradient_path_records_no_outer_graph(compressor: str) -> None:
     feat = Featurizer(task, CompressionConfig(compressor=compressor, keep=0.5), device="cpu")
     vectors = feat.raw([p for _, p in task.examples()][:4])
     assert not vectors.requires_grad and vectors.grad_fn is None
+
+
+ENSEMBLE_TASK = '''
+import numpy as np
+import torch
+from torch import nn
+
+from gradindex.indexer.tasks import ArrayClassificationTask
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(40, 6)).astype(np.float32)
+Y = RNG.integers(0, 3, size=40)
+
+
+def make(checkpoint=None):
+    torch.manual_seed(0 if checkpoint is None else int(checkpoint))
+    return nn.Sequential(nn.Linear(6, 80), nn.Tanh(), nn.Linear(80, 3))
+
+
+class Ensemble(ArrayClassificationTask):
+    def __init__(self, checkpoints=1):
+        super().__init__(make, X, Y, checkpoints=[str(c) for c in range(checkpoints)])
+'''
+
+
+@pytest.mark.parametrize("checkpoints,picked", [
+    (1, ("factorized-dropout", 2048, 2)), (2, ("dropout-sjlt", 4096, 1)),
+    (10, ("dropout-sjlt", 4096, 1)),
+])
+def test_auto_compression_follows_the_checkpoint_count(checkpoints: int, picked: tuple) -> None:
+    resolved = CompressionConfig().resolve(checkpoints)
+    assert (resolved.compressor, resolved.dim, resolved.masks) == picked
+    assert resolved.resolve(checkpoints) == resolved  # what a manifest records stays itself
+    # what a user names stays, and fills in the rest as before `auto`
+    mine = CompressionConfig(compressor="dropout-sjlt").resolve(checkpoints)
+    assert (mine.compressor, mine.dim, mine.masks) == ("dropout-sjlt", 2048, 2)
+    mine = CompressionConfig(masks=3, keep=0.5).resolve(checkpoints)
+    assert (mine.compressor, mine.dim, mine.keep, mine.masks) == (picked[0], None, 0.5, 3)
+
+
+def test_an_ensemble_build_records_what_auto_picked(tmp_path, settings) -> None:
+    from gradindex import BuildConfig, build, open_index
+
+    (tmp_path / "ensemble_task.py").write_text(ENSEMBLE_TASK)
+    spec = f"{tmp_path / 'ensemble_task.py'}:Ensemble"
+    for name, checkpoints, picked in (("one", 1, "factorized-dropout"),
+                                      ("two", 2, "dropout-sjlt")):
+        build(BuildConfig(name=name, task=spec, task_args={"checkpoints": checkpoints}),
+              settings)
+        manifest = open_index(name, settings).manifest
+        recorded = CompressionConfig.from_json(manifest["compression"])
+        assert recorded.compressor == picked and recorded.masks in (1, 2)
+        # 80·6+80 + 3·80+3 coordinates: fewer than k, so one mask keeps them all
+        assert manifest["layout"]["keep"] == 1.0 and manifest["layout"]["masks"] == 1
+        assert manifest["layout"]["dim"] == 803 * checkpoints
+        # a query featurizer made from the manifest (as the server makes it) is the same
+        feat = Featurizer(spec_task(tmp_path, checkpoints), recorded, device="cpu")
+        assert feat.config == recorded and feat.dim == manifest["layout"]["dim"]
+
+
+def spec_task(folder, checkpoints: int):
+    """The ensemble task of :data:`ENSEMBLE_TASK`, loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ensemble_task_mod", folder / "ensemble_task.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Ensemble(checkpoints)

@@ -167,7 +167,7 @@ for make in (lambda: CompressionConfig(compressor="pca"), lambda: Preconditioner
 print("torch" in sys.modules)
 """
     assert _run(code).splitlines() == [
-        "`compressor` must be one of ['dropout', 'dropout-sjlt', 'factorized-dropout', "
+        "`compressor` must be one of ['auto', 'dropout', 'dropout-sjlt', 'factorized-dropout', "
         "'gaussian'], got 'pca'",
         "`shape` must be one of ['block', 'full', 'identity'], got 'x'",
         "`fisher` must be one of ['auto', 'empirical', 'expected', 'sampled'], got 'true'",
@@ -227,7 +227,7 @@ print(CompressionConfig(compressor="dropout-copy").compressor,
       COMPRESSORS["dropout-copy"] is DropoutCopy)
 """
     assert _run(code).splitlines() == [
-        "`compressor` must be one of ['dropout', 'dropout-sjlt', 'factorized-dropout', "
+        "`compressor` must be one of ['auto', 'dropout', 'dropout-sjlt', 'factorized-dropout', "
         "'gaussian'], got 'dropout-copy'",
         "dropout-copy True",
     ]

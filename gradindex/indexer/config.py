@@ -15,7 +15,9 @@ from .errors import ConfigError
 from .registry import COMPRESSORS, FISHER_CHOICES, SHAPES, check_choice
 
 __all__ = [
+    "AUTO_COMPRESSION",
     "AUTO_MAX_CLASSES",
+    "ENSEMBLE_FROM",
     "DEFAULT_FISHER_BUDGET",
     "MAX_SAMPLES",
     "CompressionConfig",
@@ -35,33 +37,55 @@ DEFAULT_FISHER_BUDGET = 8192
 fidelity against budget; the MNIST ensemble needs two rows for each of its 4,000 examples)."""
 
 
+ENSEMBLE_FROM = 2
+"""``compressor="auto"`` treats a task with this many checkpoints or more as an ensemble: on the
+MNIST MLP `dropout-sjlt` k=4,096 led from two checkpoints on (bench/RESULTS.md)."""
+
+AUTO_COMPRESSION = {
+    False: ("factorized-dropout", 2048, 2),
+    True: ("dropout-sjlt", 4096, 1),
+}
+"""What ``compressor="auto"`` picks, (compressor, k, masks), for one model (False) and for an
+ensemble (True): the same 4,096 floats per example and checkpoint. On the MNIST MLP with the
+default Fisher and damping (bench/RESULTS.md), LDS at 1, 2, 3, 5 and 10 checkpoints:
+factorized 0.342, 0.389, 0.393, 0.430, 0.469; `dropout-sjlt` 0.315, 0.411, 0.438, 0.469,
+0.508 (and two masks of 2,048 of it 0.342, 0.399, 0.429, 0.459, 0.494)."""
+
+DEFAULT_DIM, DEFAULT_MASKS = AUTO_COMPRESSION[False][1:]
+"""k and masks of a compressor named explicitly, when they are not given."""
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """How a per-example gradient becomes a short vector (the compressor C of DESIGN §1)."""
 
-    compressor: str = "factorized-dropout"
-    """Registered compressor name: `factorized-dropout`, `dropout`, `dropout-sjlt`, `gaussian`.
-    `factorized-dropout` k=2,048 ×2 is the default: one MNIST MLP checkpoint scores LDS 0.342
-    against 0.315 for `dropout-sjlt` k=4,096 ×1 at the same storage and Fisher, and it
-    featurizes faster; an ensemble of 10 checkpoints reverses it (0.469 against 0.508):
-    ensembles should pass `--compressor dropout-sjlt --dim 4096 --masks 1`
-    (bench/RESULTS.md). Both keep every coordinate of a model smaller than k."""
+    compressor: str = "auto"
+    """Registered compressor name: `factorized-dropout`, `dropout`, `dropout-sjlt`,
+    `gaussian`, or `auto`: `factorized-dropout` k=2,048 ×2 for a task of one checkpoint,
+    `dropout-sjlt` k=4,096 ×1 for an ensemble (`AUTO_COMPRESSION`, `ENSEMBLE_FROM`; the
+    manifest records what was picked). Both keep every coordinate of a model smaller
+    than k."""
 
     keep: float | None = None
     """Fraction of gradient coordinates kept, in (0, 1]. Exclusive with `dim`."""
 
-    dim: int | None = 2048
+    dim: int | None = None
     """Target compressed size per mask and checkpoint (k); turned into `keep` from the model's
-    size and capped at 1. Exclusive with `keep`; used when `keep` is None."""
+    size and capped at 1. Exclusive with `keep`; when neither is set, `auto`'s choice (2,048
+    or 4,096), else 2,048."""
 
-    masks: int = 2
+    masks: int | None = None
     """Independent masks per checkpoint; their vectors are concatenated and their scores
-    averaged."""
+    averaged. None: `auto`'s choice (2 or 1), else 2."""
 
     seed: int = 0
     """Seed of every mask and projection; shards and queries must share it."""
@@ -89,11 +113,11 @@ class CompressionConfig:
             )
         else:
             _check(
-                isinstance(self.dim, int) and self.dim >= 1,
+                self.dim is None or (_is_int(self.dim) and self.dim >= 1),
                 f"`dim` must be a positive integer when `keep` is not set, got {self.dim!r}",
             )
         _check(
-            isinstance(self.masks, int) and self.masks >= 1,
+            self.masks is None or (_is_int(self.masks) and self.masks >= 1),
             f"`masks` must be a positive integer, got {self.masks!r}",
         )
         _check(isinstance(self.seed, int), f"`seed` must be an integer, got {self.seed!r}")
@@ -105,7 +129,7 @@ class CompressionConfig:
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"`batch_size` must be a positive integer, got {self.batch_size!r}",
         )
-        check_choice(self.compressor, COMPRESSORS, "compressor")
+        check_choice(self.compressor, ("auto", *COMPRESSORS), "compressor")
         mods = self.modules
         if isinstance(mods, str):
             mods = (mods,)
@@ -115,12 +139,24 @@ class CompressionConfig:
         )
         object.__setattr__(self, "modules", tuple(mods))
 
+    def resolve(self, checkpoints: int) -> CompressionConfig:
+        """These settings for a task of ``checkpoints`` models: ``auto`` and unset ``dim`` and
+        ``masks`` replaced by what they stand for (:data:`AUTO_COMPRESSION`)."""
+        if self.compressor == "auto":
+            name, dim, masks = AUTO_COMPRESSION[checkpoints >= ENSEMBLE_FROM]
+        else:
+            name, dim, masks = self.compressor, DEFAULT_DIM, DEFAULT_MASKS
+        return dataclasses.replace(
+            self, compressor=name, masks=masks if self.masks is None else self.masks,
+            dim=None if self.keep is not None else dim if self.dim is None else self.dim)
+
     def resolve_keep(self, total_params: int) -> float:
-        """The keep fraction for a model with ``total_params`` attributed coordinates."""
+        """The keep fraction for a model with ``total_params`` attributed coordinates (of
+        resolved settings)."""
         if self.keep is not None:
             return float(self.keep)
-        assert self.dim is not None
-        return min(1.0, self.dim / max(total_params, 1))
+        dim = self.dim if self.dim is not None else DEFAULT_DIM
+        return min(1.0, dim / max(total_params, 1))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

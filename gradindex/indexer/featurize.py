@@ -145,13 +145,13 @@ class Featurizer:
         compressors: Sequence[Sequence[Compressor]] | None = None,
     ) -> None:
         self.task = TaskAdapter.of(task)
-        self.config = config or CompressionConfig()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.checkpoints = self.task.checkpoints()
+        self.config = (config or CompressionConfig()).resolve(len(self.checkpoints))
         self.models: list[nn.Module] = []
         self.modules: list[dict[str, nn.Module]] = []
         for checkpoint in self.checkpoints:
@@ -169,7 +169,7 @@ class Featurizer:
         self.total_params = sum(layer.numel for layer in self.layers)
         self.keep = self.config.resolve_keep(self.total_params)
         cls = COMPRESSORS[self.config.compressor]
-        masks = self.config.masks
+        masks = self.config.masks or 1
         if masks > 1 and self.keep >= 1.0 and cls.exact_at_full_keep:
             log.info("keep = 1: the %d masks would be identical; using one", masks)
             masks = 1
