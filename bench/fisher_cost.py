@@ -12,6 +12,11 @@ than wall time on a shared machine):
 * the previous default, the exact expected Fisher on ``ceil(8192 / C)`` examples, one backward
   per class.
 
+With ``--stage`` it also times the featurize stage as `gradindex build` runs it (payloads
+read, collated, featurized, staged to disk, their SQL rows written), in process, twice: with
+the default Fisher and with ``fisher="empirical"`` (no Fisher pass), alternately, twice each,
+the faster of each kept: what the default Fisher adds to the featurize a user waits for.
+
 Models: a 784-1024-512-10 MLP (1.33M parameters, random weights) over 65,536 random examples,
 or (``--mnist``) the first checkpoint of ``bench/fidelity.py``'s MNIST MLP over its 4,000
 training examples (built or read from ``bench/.cache``).
@@ -19,6 +24,7 @@ training examples (built or read from ``bench/.cache``).
     python bench/fisher_cost.py                  # the 1.3M-parameter MLP, 65,536 examples
     python bench/fisher_cost.py --mnist          # MNIST-5k, 4,000 examples
     python bench/fisher_cost.py --mnist --compressor dropout-sjlt --dim 4096 --masks 1
+    python bench/fisher_cost.py --mnist --stage  # and the whole featurize stage, ±Fisher
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fidelity_data import Cache, MnistSettings, mnist_benchmark  # noqa: E402
 
 from gradindex import CompressionConfig, Featurizer, PreconditionerConfig  # noqa: E402
+from gradindex.indexer.build import BuildConfig, stage  # noqa: E402
 from gradindex.indexer.fisher import FisherPlan  # noqa: E402
+from gradindex.indexer.settings import Settings  # noqa: E402
 from gradindex.indexer.tasks import ArrayClassificationTask  # noqa: E402
 
 PREVIOUS_BUDGET = 8192
@@ -74,6 +83,31 @@ def _task(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], str]:
     return task, [p for _, p in task.examples()], "MLP 784-1024-512-10 (random weights)"
 
 
+def staged_seconds(feat: Featurizer, fisher: PreconditionerConfig, root: Path) -> float:
+    """CPU seconds of the featurize stage of a build of ``feat``'s task into a fresh data
+    directory under ``root`` (SQLite), as `gradindex build` runs it before finalize."""
+    folder = Path(tempfile.mkdtemp(dir=root))
+    config = BuildConfig(name="cost", task="gradindex.indexer.tasks:ArrayClassificationTask",
+                         compression=feat.config, preconditioner=fisher)
+    start = time.process_time()
+    stage(config, Settings(data_dir=folder, database_url=None), featurizer=feat)
+    return time.process_time() - start
+
+
+def stage_share(feat: Featurizer, budget: int | None) -> dict[str, float]:
+    """The featurize stage with the default Fisher and without one (``empirical``)."""
+    default = PreconditionerConfig(fisher_budget=budget)
+    empirical = PreconditionerConfig(fisher="empirical", fisher_budget=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        times: dict[str, list[float]] = {"default": [], "empirical": []}
+        for _ in range(2):
+            times["empirical"].append(staged_seconds(feat, empirical, Path(tmp)))
+            times["default"].append(staged_seconds(feat, default, Path(tmp)))
+    best = {k: min(v) for k, v in times.items()}
+    return {"stage_default_s": best["default"], "stage_empirical_s": best["empirical"],
+            "stage_share": best["default"] / best["empirical"] - 1}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mnist", action="store_true", help="the MNIST benchmark's MLP")
@@ -82,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--compressor", default=CompressionConfig().compressor)
     parser.add_argument("--dim", type=int, default=CompressionConfig().dim)
     parser.add_argument("--masks", type=int, default=CompressionConfig().masks)
+    parser.add_argument("--stage", action="store_true",
+                        help="also time the whole featurize stage with and without the Fisher")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     task, train, name = _task(args)
@@ -139,6 +175,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"(+{result['reference_share']:.0%}); previous default ({old_n} examples × "
           f"{plan.classes} classes, one backward per class) {previous:.1f}s "
           f"(+{result['previous_share']:.0%})")
+    if args.stage:
+        result.update(stage_share(feat, args.budget))
+        print(f"featurize stage as a build runs it: {result['stage_empirical_s']:.2f}s without "
+              f"a Fisher pass, {result['stage_default_s']:.2f}s with the default Fisher "
+              f"(+{result['stage_share']:.0%})")
     return result
 
 

@@ -146,6 +146,26 @@ def test_budget_spends_rows_on_a_subset_of_a_large_training_set(digits: DigitsTa
             PreconditionerConfig(fisher="expected"), payloads, 300)
 
 
+class CountsPasses(DigitsTask):
+    """Counts the passes a build makes over its examples."""
+
+    passes = 0
+
+    def examples(self) -> Any:
+        type(self).passes += 1
+        return super().examples()
+
+
+def test_a_sized_task_is_staged_in_one_pass_over_its_examples(settings: Settings) -> None:
+    """The budget plans over ``len(task)``: an array task's payloads are built once."""
+    task = CountsPasses(**STORE_TASK_ARGS)
+    assert len(task) == 300
+    CountsPasses.passes = 0
+    stage(_config("once"), settings, featurizer=Featurizer(task, CompressionConfig(
+        batch_size=BATCH), device="cpu"))
+    assert CountsPasses.passes == 1
+
+
 def test_fisher_subset_is_the_same_in_another_process() -> None:
     here = fisher_subset(seed=3, examples=5000, size=123)
     code = ("from gradindex.indexer.fisher import fisher_subset; "

@@ -28,7 +28,8 @@ def _fisher(positions: list[int]) -> np.ndarray:
 @pytest.fixture()
 def staging(tmp_path: Path) -> Staging:
     """Two shards of batches of 4 (round robin), in chunks of uneven sizes; a duplicate of
-    position 5 in a later chunk, which the first chunk's copy wins over."""
+    position 5 in a later chunk, which the first chunk's copy wins over. Longer chunks are
+    handed to the writer in parts (as a build hands it its batches), some of them views."""
     staging = Staging(tmp_path / "staging")
     staging.init({"layout": {"dim": DIM}})
     chunks = {0: [[0, 1, 2, 3, 8, 9, 10, 11], [16, 17, 18, 19]],
@@ -37,10 +38,14 @@ def staging(tmp_path: Path) -> Staging:
         writer = staging.writer(shard, 2)
         for positions in parts:
             fpos = [p for p in positions if p in FISHER_AT]
-            raw = _raw(positions) + (1000.0 if positions == [5] else 0.0)
+            raw: np.ndarray | list[np.ndarray] = (
+                _raw(positions) + (1000.0 if positions == [5] else 0.0))
+            fisher: np.ndarray | list[np.ndarray] = _fisher(fpos)
+            if len(positions) > 4:
+                raw = [raw[:3], raw[3:]]
+                fisher = [np.asfortranarray(f) for f in np.split(fisher, len(fpos))]
             writer.write(positions, raw, [{"id": f"ex-{p}", "payload": {"p": p}}
-                                          for p in positions],
-                         _fisher(fpos), fpos)
+                                          for p in positions], fisher, fpos)
         staging.mark_shard_done(shard, 2, TOTAL)
     return staging
 

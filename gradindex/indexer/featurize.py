@@ -764,7 +764,9 @@ def batch_fisher_rows(
     subset); ``None`` for the ``empirical`` Fisher (its rows are the raw gradients)."""
     if plan.kind == "empirical":
         return None, 0
-    return featurizer.fisher_rows(payloads, plan).numpy(), len(payloads)
+    # example-major and contiguous here, a batch at a time: a chunk then concatenates and
+    # saves its rows without another copy
+    return featurizer.fisher_rows(payloads, plan).contiguous().numpy(), len(payloads)
 
 
 def featurize(

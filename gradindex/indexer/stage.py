@@ -221,9 +221,9 @@ class ChunkFlusher:
         parts = self.batches
         fisher = None
         if parts[0].fisher is not None:
-            fisher = np.concatenate([b.fisher for b in parts if b.fisher is not None])
+            fisher = [b.fisher for b in parts if b.fisher is not None]
         self.writer.write(
-            [p for b in parts for p in b.positions], np.concatenate([b.raw for b in parts]),
+            [p for b in parts for p in b.positions], [b.raw for b in parts],
             [r for b in parts for r in b.records], fisher,
             [p for b in parts for p in b.fisher_positions] if fisher is not None else None,
         )

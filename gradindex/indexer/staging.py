@@ -408,34 +408,39 @@ class ChunkWriter:
     def write(
         self,
         positions: Sequence[int],
-        raw: np.ndarray,
+        raw: np.ndarray | Sequence[np.ndarray],
         records: Sequence[dict[str, Any]],
-        fisher: np.ndarray | None = None,
+        fisher: np.ndarray | Sequence[np.ndarray] | None = None,
         fisher_positions: Sequence[int] | None = None,
     ) -> Path:
         """Stage one chunk; returns its folder.
 
         Args:
-            fisher: ``[F, R, dim]`` Fisher rows, of ``fisher_positions`` (default: of every
-                position).
+            raw: ``[n, dim]`` raw gradients, or its parts (batches) in order: each is written
+                as it is, without first concatenating them in memory.
+            fisher: ``[F, R, dim]`` Fisher rows (or their parts), of ``fisher_positions``
+                (default: of every position).
         """
+        raws = _Parts(raw)
+        fishers = None if fisher is None else _Parts(fisher)
         n = len(positions)
         rows = n if fisher_positions is None else len(fisher_positions)
-        if raw.shape[0] != n or len(records) != n or (
-            fisher is not None and fisher.shape[0] != rows
+        if raws.shape[0] != n or len(records) != n or (
+            fishers is not None and fishers.shape[0] != rows
         ):
             raise GradindexError(
-                f"chunk parts disagree: {n} positions, raw {raw.shape}, {len(records)} records, "
-                f"fisher {None if fisher is None else fisher.shape} for {rows} positions"
+                f"chunk parts disagree: {n} positions, raw {raws.shape}, {len(records)} "
+                f"records, fisher {None if fishers is None else fishers.shape} for {rows} "
+                "positions"
             )
         name = f"{self.prefix}-{self.next_seq:06d}"
         tmp = self.staging.chunks_dir / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         np.save(tmp / "positions.npy", np.asarray(positions, dtype=np.int64))
-        np.save(tmp / "raw.npy", np.ascontiguousarray(raw, dtype=np.float32))
-        if fisher is not None:
-            np.save(tmp / "fisher.npy", np.ascontiguousarray(fisher, dtype=np.float32))
+        raws.save(tmp / "raw.npy")
+        if fishers is not None:
+            fishers.save(tmp / "fisher.npy")
             if fisher_positions is not None:
                 np.save(tmp / "fisher_positions.npy",
                         np.asarray(fisher_positions, dtype=np.int64).reshape(-1))
@@ -450,3 +455,26 @@ class ChunkWriter:
         fsync_dir(self.staging.chunks_dir)
         self.next_seq += 1
         return final
+
+
+class _Parts:
+    """A float32 array given as consecutive parts along its first axis, saved as one ``.npy``
+    file part by part."""
+
+    def __init__(self, parts: np.ndarray | Sequence[np.ndarray]) -> None:
+        self.parts = [parts] if isinstance(parts, np.ndarray) else list(parts)
+        if not self.parts:
+            raise GradindexError("a chunk array needs at least one part")
+        tail = self.parts[0].shape[1:]
+        if any(p.shape[1:] != tail for p in self.parts):
+            raise GradindexError(f"chunk parts of different shapes: "
+                                 f"{[p.shape for p in self.parts]}")
+        self.shape = (sum(p.shape[0] for p in self.parts), *tail)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                "fortran_order": False, "shape": self.shape})
+            for part in self.parts:
+                np.ascontiguousarray(part, dtype=np.float32).tofile(fh)

@@ -48,6 +48,11 @@ class ArrayClassificationTask:
         self.n_classes = int(n_classes if n_classes is not None else self.y.max() + 1)
         self._checkpoints = list(checkpoints) if checkpoints else None
 
+    def __len__(self) -> int:
+        """The training set's size, known without building its payloads (a Fisher budget
+        plans over it)."""
+        return len(self.x)
+
     def checkpoints(self) -> list[str]:
         return self._checkpoints or []
 
