@@ -1,4 +1,4 @@
-"""Staged windows read back across chunks and shards, by slices of memory maps."""
+"""Staged windows read back across chunks and shards, by positioned reads of the chunks' files."""
 
 from __future__ import annotations
 
@@ -74,11 +74,26 @@ def test_windows_are_positions_in_order_whatever_the_chunks(staging: Staging, wi
         assert np.flatnonzero(w.fisher_members()).tolist() == inside
 
 
-def test_a_window_inside_one_chunk_is_a_private_view(staging: Staging) -> None:
-    """Positions 16-19 are one slice of one chunk: handed out without a copy, writable (torch
-    takes it without a warning) and private: writing to it leaves the staged file as it was."""
+def test_a_window_is_private_and_reused_windows_share_their_arrays(staging: Staging) -> None:
+    """Positions 16-19 are one slice of one chunk: read into a writable array of the window's
+    own (torch takes it without a warning); writing to it leaves the staged file as it was.
+    With ``reuse`` every window is read into the same arrays, without the records."""
     window = next(iter(staging.windows(4, start=16)))
-    assert window.raw.base is not None and window.raw.flags.writeable
+    assert window.raw.flags.writeable and window.raw.flags.c_contiguous
     window.raw[:] = 0
     again = next(iter(staging.windows(4, start=16)))
     np.testing.assert_array_equal(again.raw, _raw([16, 17, 18, 19]))
+    seen = []
+    for w in staging.windows(8, reuse=True, records=False):
+        np.testing.assert_array_equal(w.raw, _raw(list(range(w.start, w.stop))))
+        assert w.records == []
+        seen.append(w.raw)
+    assert all(np.shares_memory(seen[0], other) for other in seen[1:])
+
+
+def test_a_truncated_chunk_is_an_error_not_zeros(staging: Staging) -> None:
+    chunk = next(d for d in staging.chunk_dirs() if len(np.load(d / "positions.npy")) == 8)
+    path = chunk / "raw.npy"
+    path.write_bytes(path.read_bytes()[:-DIM * 4])
+    with pytest.raises(Exception, match="ended early|rows"):
+        list(staging.windows(100))

@@ -223,7 +223,7 @@ class Finalizer:
             blocks = [Block(**b) for b in self.info["blocks"]]
             acc = FisherAccumulator(blocks, pcfg.shape)
             if acc.ranges:
-                for w in self.staging.windows(self.window):
+                for w in self.staging.windows(self.window, reuse=True, records=False):
                     if w.fisher is None:  # empirical: the raw gradients are the rows
                         acc.update(torch.from_numpy(w.raw), w.stop - w.start)
                     else:  # the subset's rows and the others' raw gradients, not concatenated
@@ -264,7 +264,7 @@ class Finalizer:
         ids into ``ids``), their metadata into the version's schema."""
         assert self.version is not None, "begin() first"
         groups = int(self.info["layout"]["groups"])
-        for w in self.staging.windows(self.window, start=start):
+        for w in self.staging.windows(self.window, start=start, reuse=True):
             raw = torch.from_numpy(w.raw)
             vec = precond.apply(raw)
             si = self_influence(raw, vec, 1.0 / groups).numpy()
