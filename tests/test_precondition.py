@@ -232,3 +232,22 @@ def test_condition_bound_is_an_upper_bound(fitted_mlp: InMemoryIndex) -> None:
                                   strict=True):
         eig = torch.linalg.eigvalsh(fisher)
         assert (eig.max() + lam) / (eig.min() + lam) <= bound * (1 + 1e-9)
+
+
+def test_apply_into_a_given_buffer_equals_a_fresh_one(fitted_mlp: InMemoryIndex) -> None:
+    """Into a reused buffer (finalize's windows) the same vectors; columns outside every block
+    pass through unchanged."""
+    precond = fitted_mlp.preconditioner
+    raw = fitted_mlp.raw[:37]
+    fresh = precond.apply(raw)
+    buffer = torch.full((64, precond.dim), float("nan"))
+    torch.testing.assert_close(precond.apply(raw, out=buffer[:37]), fresh, rtol=0, atol=0)
+    assert torch.isnan(buffer[37:]).all()
+    with pytest.raises(GradindexError, match="an output of"):
+        precond.apply(raw, out=buffer[:36])
+    lo, hi = precond.ranges[0]
+    partial = Preconditioner(precond.shape, precond.dim, [(lo, hi)], [precond.fishers[0]],
+                             precond.damping, precond.count)
+    got = partial.apply(raw, out=torch.full((37, precond.dim), float("nan")))
+    torch.testing.assert_close(got[:, hi:], raw[:, hi:].float(), rtol=0, atol=0)
+    torch.testing.assert_close(got[:, lo:hi], fresh[:, lo:hi], rtol=0, atol=0)

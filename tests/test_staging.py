@@ -97,3 +97,21 @@ def test_a_truncated_chunk_is_an_error_not_zeros(staging: Staging) -> None:
     path.write_bytes(path.read_bytes()[:-DIM * 4])
     with pytest.raises(Exception, match="ended early|rows"):
         list(staging.windows(100))
+
+
+def test_rows_file_writes_blocks_in_any_order_into_a_loadable_npy(tmp_path: Path) -> None:
+    from gradindex.indexer.store.files import RowsFile
+
+    rows = np.arange(7 * DIM, dtype=np.float32).reshape(7, DIM)
+    buffer = np.empty((3, DIM), dtype=np.float32)
+    with RowsFile(tmp_path / "v.npy", (9, DIM)) as out:
+        for start in (3, 0, 6):  # one reused buffer, written out of order
+            n = min(3, 7 - start)
+            buffer[:n] = rows[start : start + n]
+            out.put(start, buffer[:n])
+        with pytest.raises(ValueError, match="do not fit"):
+            out.put(8, rows[:2])
+    got = np.load(tmp_path / "v.npy", mmap_mode="r")
+    assert got.shape == (9, DIM) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[:7], rows)
+    np.testing.assert_array_equal(got[7:], 0)  # never put: zeros

@@ -41,6 +41,7 @@ from .store import (
     save_manifest,
 )
 from .store.db import ExampleRow
+from .store.files import RowsFile
 from .task import TaskSpec
 
 __all__ = ["AddResult", "add"]
@@ -125,12 +126,11 @@ class _Appender(Finalizer):
 
     def write_vectors(self, precond: Preconditioner) -> tuple[np.ndarray, np.ndarray]:
         assert self.version is not None, "begin() first"
-        vectors = np.lib.format.open_memmap(self.tmp / "vectors.npy", mode="w+",
-                                            dtype=np.float32, shape=(self.total, self.dim))
+        vectors = RowsFile(self.tmp / "vectors.npy", (self.total, self.dim))
         old = np.load(self.old_dir / "vectors.npy", mmap_mode="r")
         for lo in range(0, self.old_count, self.window):
             hi = min(lo + self.window, self.old_count)
-            vectors[lo:hi] = old[lo:hi]
+            vectors.put(lo, old[lo:hi])
         del old
         ids = np.zeros(self.total, dtype=np.int64)
         influence = np.zeros(self.total, dtype=np.float64)
@@ -157,9 +157,8 @@ class _Appender(Finalizer):
                     part)
                 ids[lo : lo + len(part)] = [g[0] for g in got]
         self._report("vectors", self.old_count)
-        self.write_windows(precond, self.old_count, vectors, ids, influence)
-        vectors.flush()
-        del vectors
+        with vectors:
+            self.write_windows(precond, self.old_count, vectors, ids, influence)
         np.save(self.tmp / "ids.npy", ids)
         np.save(self.tmp / "self_influence.npy", influence)
         return ids, influence

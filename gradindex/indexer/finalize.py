@@ -66,6 +66,7 @@ from .store import (
     write_faiss,
 )
 from .store.catalog import NewVersion, begin_version
+from .store.files import RowsFile
 from .store.milvus import (
     index_versions,
     milvus_uri,
@@ -246,29 +247,29 @@ class Finalizer:
             The rows' ids (the FAISS ids) ``[N]`` and self-influence ``[N]``, by position.
         """
         assert self.version is not None, "begin() first"
-        vectors = np.lib.format.open_memmap(self.tmp / "vectors.npy", mode="w+",
-                                            dtype=np.float32, shape=(self.total, self.dim))
         ids = np.zeros(self.total, dtype=np.int64)
         influence = np.zeros(self.total, dtype=np.float64)
-        self.write_windows(precond, 0, vectors, ids, influence)
-        vectors.flush()
-        del vectors
+        with RowsFile(self.tmp / "vectors.npy", (self.total, self.dim)) as vectors:
+            self.write_windows(precond, 0, vectors, ids, influence)
         np.save(self.tmp / "ids.npy", ids)
         np.save(self.tmp / "self_influence.npy", influence)
         return ids, influence
 
-    def write_windows(self, precond: Preconditioner, start: int, vectors: np.ndarray,
+    def write_windows(self, precond: Preconditioner, start: int, vectors: RowsFile,
                       ids: np.ndarray, influence: np.ndarray) -> None:
         """Staged examples from position ``start`` on: preconditioned into ``vectors``, their
         self-influence into ``influence``, their SQL rows committed window by window (their
         ids into ``ids``), their metadata into the version's schema."""
         assert self.version is not None, "begin() first"
         groups = int(self.info["layout"]["groups"])
+        out: torch.Tensor | None = None  # one buffer for every window's vectors
         for w in self.staging.windows(self.window, start=start, reuse=True):
             raw = torch.from_numpy(w.raw)
-            vec = precond.apply(raw)
+            if out is None or len(out) < len(raw):
+                out = torch.empty(len(raw), self.dim, dtype=torch.float32)
+            vec = precond.apply(raw, out=out[: len(raw)])
             si = self_influence(raw, vec, 1.0 / groups).numpy()
-            vectors[w.start : w.stop] = vec.numpy()
+            vectors.put(w.start, vec.numpy())
             influence[w.start : w.stop] = si
             for rec in w.records:
                 self.metadata_schema.observe(rec.get("meta") or {})

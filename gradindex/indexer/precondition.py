@@ -253,15 +253,27 @@ class Preconditioner:
             ]
         return self._inverses
 
-    def apply(self, raw: torch.Tensor) -> torch.Tensor:
-        """``(F̃+λI)⁻¹ g̃`` for rows ``raw [B, dim]``; float32 result."""
+    def apply(self, raw: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(F̃+λI)⁻¹ g̃`` for rows ``raw [B, dim]``; float32 result, into ``out`` (``[B, dim]``
+        float32, not ``raw``) when given: each block's product is written in place."""
         if raw.shape[-1] != self.dim:
             raise GradindexError(f"vectors have {raw.shape[-1]} columns, expected {self.dim}")
-        out = raw.to(torch.float32, copy=True)
+        if out is None:
+            out = torch.empty(raw.shape[0], self.dim, dtype=torch.float32)
+        elif tuple(out.shape) != (raw.shape[0], self.dim) or out.dtype != torch.float32:
+            raise GradindexError(f"an output of {tuple(out.shape)} {out.dtype} for "
+                                 f"{tuple(raw.shape)} rows")
+        covered = 0
+        for lo, hi in sorted(self.ranges):  # columns outside every block pass unchanged
+            if lo > covered:
+                out[:, covered:lo] = raw[:, covered:lo]
+            covered = max(covered, hi)
+        if covered < self.dim:
+            out[:, covered:] = raw[:, covered:]
         for inverse, factor, (lo, hi) in zip(self.inverses(), self.factors, self.ranges,
                                              strict=True):
             if inverse is not None:  # symmetric: g̃ᵀ A⁻¹ = (A⁻¹ g̃)ᵀ
-                out[:, lo:hi] = raw[:, lo:hi].to(torch.float32) @ inverse
+                torch.mm(raw[:, lo:hi].to(torch.float32), inverse, out=out[:, lo:hi])
             else:
                 block = raw[:, lo:hi].to(torch.float64).T.contiguous()
                 out[:, lo:hi] = torch.cholesky_solve(block, factor).T

@@ -7,10 +7,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import GradindexError
 
-__all__ = ["file_lock", "fsync_dir", "fsync_file", "write_atomic"]
+__all__ = ["RowsFile", "file_lock", "fsync_dir", "fsync_file", "write_atomic"]
 
 
 def fsync_file(path: Path) -> None:
@@ -58,3 +59,52 @@ def file_lock(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+class RowsFile:
+    """A new ``.npy`` file of ``shape`` float32 rows, written by positioned writes of row
+    blocks (``put``), in any order, from arrays that can be reused right after: finalize's
+    vectors go out of one reused buffer, with no memory map of the new file to fault in.
+
+    Rows never put read back as zeros. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
+        import numpy as np
+
+        self.path = Path(path)
+        self.shape = shape
+        self.row_bytes = 4 * int(shape[1])
+        with open(self.path, "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+            self.offset = fh.tell()
+            fh.truncate(self.offset + self.row_bytes * int(shape[0]))
+        self._fd: int | None = os.open(self.path, os.O_WRONLY)
+
+    def put(self, start: int, rows: Any) -> None:
+        """Rows ``start, start + 1, ...`` from ``rows`` (``[n, dim]``, float32)."""
+        import numpy as np
+
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        block = np.ascontiguousarray(rows, dtype=np.float32)
+        if block.ndim != 2 or block.shape[1] != self.shape[1] or not (
+                0 <= start and start + len(block) <= self.shape[0]):
+            raise ValueError(f"rows {start}-{start + len(block) - 1} of shape {block.shape} "
+                             f"do not fit {self.path} of shape {self.shape}")
+        view = block.data.cast("B")
+        at, done = self.offset + start * self.row_bytes, 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], at + done)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RowsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
