@@ -338,3 +338,32 @@ def mnist_benchmark(cfg: MnistSettings, cache: Cache) -> Benchmark:
         subsets=truth["subsets"], losses=truth["losses"], single=single,
         settings={**settings, "test_accuracy": round(accuracy, 4)},
     )
+
+
+class WithoutLogits:
+    """A benchmark task with every method but ``logits``: what ``auto`` makes of a task that
+    only samples targets in its loss (the ``sampled`` Fisher)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def model(self, checkpoint: str | None = None) -> nn.Module:
+        model: nn.Module = (self.inner.model(checkpoint) if checkpoint is not None
+                            else self.inner.model())
+        return model
+
+    def checkpoints(self) -> list[str]:
+        return list(self.inner.checkpoints())
+
+    def examples(self) -> Any:
+        return self.inner.examples()
+
+    def collate(self, payloads: list[dict[str, Any]]) -> Any:
+        return self.inner.collate(payloads)
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
+        losses: torch.Tensor = self.inner.loss(model, batch, sample=sample)
+        return losses

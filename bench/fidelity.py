@@ -42,6 +42,7 @@ from _fidelity_data import (  # noqa: E402
     Cache,
     DigitsSettings,
     MnistSettings,
+    WithoutLogits,
     digits_benchmark,
     load_mnist,
     make_mlp,
@@ -312,30 +313,6 @@ def fisher_methods(name: str) -> list[Method]:
                                  wrap="no-logits") for b in BUDGETS]
     methods += [index_method("budget", base, dampings=extra, fisher_budget=b) for b in BUDGETS]
     return methods
-
-
-class WithoutLogits:
-    """A benchmark task with every method but ``logits``: what ``auto`` makes of a task that
-    only samples targets in its loss."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def model(self, checkpoint: str | None = None) -> torch.nn.Module:
-        return self.inner.model(checkpoint)
-
-    def checkpoints(self) -> list[str]:
-        return list(self.inner.checkpoints())
-
-    def examples(self) -> Any:
-        return self.inner.examples()
-
-    def collate(self, payloads: list[dict[str, Any]]) -> Any:
-        return self.inner.collate(payloads)
-
-    def loss(self, model: torch.nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
-        losses: torch.Tensor = self.inner.loss(model, batch, sample=sample)
-        return losses
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -44,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _fidelity_data import Cache, MnistSettings, mnist_benchmark  # noqa: E402
+from _fidelity_data import Cache, MnistSettings, WithoutLogits, mnist_benchmark  # noqa: E402
 
 from gradindex import CompressionConfig, Featurizer, PreconditionerConfig  # noqa: E402
 from gradindex.indexer.build import BuildConfig, stage  # noqa: E402
@@ -67,32 +67,6 @@ def _cpu_seconds(fn: Callable[[Sequence[dict[str, Any]]], Any],
 
 def _batches(payloads: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
     return [list(payloads[lo : lo + size]) for lo in range(0, len(payloads), size)]
-
-
-class NoLogits:
-    """A task with every method but ``logits``: ``auto`` then fits the ``sampled`` Fisher."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def model(self, checkpoint: str | None = None) -> nn.Module:
-        return self.inner.model(checkpoint) if checkpoint is not None else self.inner.model()
-
-    def checkpoints(self) -> list[str]:
-        return list(self.inner.checkpoints())
-
-    def examples(self) -> Any:
-        return self.inner.examples()
-
-    def collate(self, payloads: list[dict[str, Any]]) -> Any:
-        return self.inner.collate(payloads)
-
-    def loss(self, model: nn.Module, batch: Any, sample: bool = False) -> torch.Tensor:
-        losses: torch.Tensor = self.inner.loss(model, batch, sample=sample)
-        return losses
 
 
 def _task(args: argparse.Namespace) -> tuple[Any, list[dict[str, Any]], str]:
@@ -150,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     task, train, name = _task(args)
     if args.no_logits:
-        task, name = NoLogits(task), name + ", without logits"
+        task, name = WithoutLogits(task), name + ", without logits"
     compression = CompressionConfig(compressor=args.compressor, dim=args.dim, masks=args.masks)
     feat = Featurizer(task, compression, device="cpu")
     params = sum(p.numel() for p in feat.models[0].parameters())
