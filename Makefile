@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-index bench-query bench-build bench-soak clean
+.PHONY: install demo test lint unit bench bench-featurize bench-fidelity bench-fisher bench-index bench-query bench-build bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,13 +36,20 @@ unit: $(STAMP)
 test: lint unit
 
 # Long measurements; each writes its tables (and plots) and bench/RESULTS.md says which ran.
-bench: bench-featurize bench-fidelity bench-query bench-soak bench-index bench-build
+bench: bench-featurize bench-fidelity bench-fisher bench-query bench-soak bench-index bench-build
 
 bench-featurize: $(STAMP)
 	$(BIN)/python bench/featurize.py
 
 bench-fidelity: $(STAMP)
 	$(BIN)/python bench/fidelity.py
+	$(BIN)/python bench/fidelity.py --fisher
+
+# What the default Fisher adds to a featurize: model passes, and the stage as a build runs it.
+bench-fisher: $(STAMP)
+	$(BIN)/python bench/fisher_cost.py --mnist --stage
+	$(BIN)/python bench/fisher_cost.py --mnist --stage --no-logits
+	$(BIN)/python bench/fisher_cost.py
 
 bench-query: $(STAMP)
 	BIN=$(BIN) bench/query_load.sh
