@@ -47,3 +47,38 @@ def test_workers_answer_alike_and_see_each_others_deletes(tmp_path: Path,
         assert len(pids) == 2, server.log()
     finally:
         server.stop()
+
+
+def test_connections_of_a_socket_bound_with_proto_0_send_without_delay() -> None:
+    """The listening socket of `--workers N` is made with ``proto`` 0, whose connections asyncio
+    leaves with Nagle's algorithm on (40 ms a request against a client's delayed ACK); the
+    server's protocol turns it off on every TCP connection."""
+    import asyncio
+    import socket
+
+    from gradindex.server.serving import set_nodelay
+
+    async def accept_one(fix: bool) -> int:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # proto 0, as uvicorn's
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                if fix:
+                    set_nodelay(transport)
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accept_one(fix=False)) == 0  # the premise: asyncio leaves it on
+    assert asyncio.run(accept_one(fix=True)) != 0

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 from .settings import ServerSettings
 
-__all__ = ["SETTINGS_VARIABLE", "WORKER_PROTOCOL", "header_timeout_protocol", "uvicorn_options"]
+__all__ = ["SETTINGS_VARIABLE", "WORKER_PROTOCOL", "header_timeout_protocol", "set_nodelay",
+           "uvicorn_options"]
 
 SETTINGS_VARIABLE = "GRADINDEX_SERVE_SETTINGS"
 """How ``run`` hands its settings, as JSON, to the worker processes of ``workers > 1``."""
@@ -29,6 +31,20 @@ def __getattr__(name: str) -> Any:
         settings = ServerSettings.model_validate_json(os.environ[SETTINGS_VARIABLE])
         return header_timeout_protocol(settings.header_timeout_s)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Send small writes at once (``TCP_NODELAY``) on a TCP connection.
+
+    asyncio sets it only on sockets whose ``proto`` is ``IPPROTO_TCP``; the listening socket
+    uvicorn binds for ``--workers N`` is made with ``proto`` 0, so its connections kept Nagle's
+    algorithm: a response's headers and body, written separately, then waited for the client's
+    delayed ACK, and every request took 40 ms more (a health check 48 ms instead of 0.5 ms).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) \
+            and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
@@ -56,6 +72,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            set_nodelay(transport)
             super().connection_made(transport)
             self._arm()
 
