@@ -341,6 +341,8 @@ class Staging:
 
         raw_buf = _Buffer(raw_shape, reuse)
         fisher_buf = _Buffer(fisher_shape or (), reuse)
+        raw_paths = [d / "raw.npy" for d in chunks]
+        fisher_paths = [d / "fisher.npy" for d in chunks]
         for lo in range(start, total, window):
             hi = min(lo + window, total)
             chunk, row = chunk_of[lo:hi], row_of[lo:hi]
@@ -353,9 +355,9 @@ class Staging:
             if fisher_shape is not None:
                 inside = fisher_chunk[lo:hi] >= 0
                 members = lo + np.flatnonzero(inside)
-                staged = _gather([d / "fisher.npy" for d in chunks], fisher_chunk[lo:hi][inside],
+                staged = _gather(fisher_paths, fisher_chunk[lo:hi][inside],
                                  fisher_row[lo:hi][inside], fisher_buf.take(len(members)))
-            raw = _gather([d / "raw.npy" for d in chunks], chunk, row, raw_buf.take(hi - lo))
+            raw = _gather(raw_paths, chunk, row, raw_buf.take(hi - lo))
             yield StagedWindow(lo, hi, raw, staged, recs, members)
 
 
