@@ -454,8 +454,8 @@ class Featurizer:
             # compress a few cotangents at a time: their outer products stay in cache
             step = max(1, COMPRESS_FLOATS // (b * self._width(c)))
             for i in range(0, r, step):
-                captures = _repeated_captures(cap, [None if g is None else g[i : i + step]
-                                                    for g in grads], min(step, r - i))
+                captures = cap.per_layer([None if g is None else g[i : i + step]
+                                          for g in grads], repeats=min(step, r - i))
                 blocks = []
                 for comp in self.compressors[c]:
                     blocks.extend(comp.from_captures(captures))
@@ -662,27 +662,6 @@ def _rows_of(per_head: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
     """Blocks of several heads ``[B, size]`` as the one ``[R·B, size]`` entry a batched
     pass returns."""
     return [_stack_chunks(per_head)]
-
-
-def _repeated_captures(
-    cap: LayerCapture, grads: list[torch.Tensor | None], r: int
-) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """:meth:`LayerCapture.per_layer` for ``r`` batched output gradients ``[r, B, ...]``: each
-    layer's inputs repeated ``r`` times, pairs ``(x [r·B, N, D_in], delta [r·B, N, D_out])``."""
-    result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    it = iter(grads)
-    for name in cap.modules:
-        pairs = []
-        for x, out in zip(cap.inputs[name], cap.outputs[name], strict=True):
-            g = next(it)
-            b = x.shape[0]
-            x3 = x.reshape(b, -1, x.shape[-1])
-            xr = x3 if r == 1 else x3.unsqueeze(0).expand(r, *x3.shape).reshape(
-                r * b, *x3.shape[1:])
-            delta = out.new_zeros(r, *out.shape) if g is None else g.detach()
-            pairs.append((xr, delta.reshape(r * b, -1, out.shape[-1])))
-        result[name] = pairs
-    return result
 
 
 class _Objective(nn.Module):

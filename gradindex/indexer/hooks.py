@@ -76,17 +76,20 @@ class LayerCapture:
         return [out for name in self.modules for out in self.outputs[name]]
 
     def per_layer(
-        self, grads: list[torch.Tensor | None]
+        self, grads: list[torch.Tensor | None], repeats: int = 1
     ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Pair the gradients of :meth:`graph_outputs` with their inputs, by layer.
 
         Args:
             grads: gradients of the loss w.r.t. :meth:`graph_outputs`, same order; ``None``
-                (an output the loss does not depend on) becomes zeros.
+                (an output the loss does not depend on) becomes zeros. With ``repeats`` > 1,
+                ``repeats`` batched gradients of each output, ``[repeats, B, ...]``.
+            repeats: how many gradients each output has; each layer's inputs are repeated as
+                many times to pair with them.
 
         Returns:
-            layer name → list of ``(x [B, N, D_in], delta [B, N, D_out])``, token dims
-            flattened into ``N``.
+            layer name → list of ``(x [R·B, N, D_in], delta [R·B, N, D_out])`` (R =
+            ``repeats``, gradient-major), token dims flattened into ``N``.
         """
         result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         it = iter(grads)
@@ -94,8 +97,12 @@ class LayerCapture:
             pairs = []
             for x, out in zip(self.inputs[name], self.outputs[name], strict=True):
                 g = next(it)
-                delta = torch.zeros_like(out) if g is None else g.detach()
+                delta = out.new_zeros(repeats, *out.shape) if g is None else g.detach()
                 b = x.shape[0]
-                pairs.append((x.reshape(b, -1, x.shape[-1]), delta.reshape(b, -1, out.shape[-1])))
+                x3 = x.reshape(b, -1, x.shape[-1])
+                if repeats > 1:
+                    x3 = x3.unsqueeze(0).expand(repeats, *x3.shape).reshape(
+                        repeats * b, *x3.shape[1:])
+                pairs.append((x3, delta.reshape(repeats * b, -1, out.shape[-1])))
             result[name] = pairs
         return result
