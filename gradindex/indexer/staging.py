@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GradindexError, TaskError
-from .store.files import fsync_dir, fsync_file, write_atomic
+from .store.files import RowsFile, fsync_dir, fsync_file, write_atomic
 
 __all__ = ["MAX_NAMED", "ChunkWriter", "StagedWindow", "Staging", "duplicate_error"]
 
@@ -520,9 +520,8 @@ class _Parts:
         self.shape = (sum(p.shape[0] for p in self.parts), *tail)
 
     def save(self, path: Path) -> None:
-        with open(path, "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                "fortran_order": False, "shape": self.shape})
+        with RowsFile(path, self.shape) as out:
+            start = 0
             for part in self.parts:
-                np.ascontiguousarray(part, dtype=np.float32).tofile(fh)
+                out.put(start, part)
+                start += len(part)

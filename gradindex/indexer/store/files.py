@@ -62,19 +62,20 @@ def file_lock(path: Path, what: str) -> Iterator[None]:
 
 
 class RowsFile:
-    """A new ``.npy`` file of ``shape`` float32 rows, written by positioned writes of row
-    blocks (``put``), in any order, from arrays that can be reused right after: finalize's
-    vectors go out of one reused buffer, with no memory map of the new file to fault in.
+    """A new ``.npy`` file of a float32 array of ``shape`` (rows along the first axis), written
+    by positioned writes of row blocks (``put``), in any order, from arrays that can be reused
+    right after: finalize's vectors go out of one reused buffer, with no memory map of the new
+    file to fault in, and staging chunks are written batch by batch.
 
     Rows never put read back as zeros. Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
         import numpy as np
 
         self.path = Path(path)
-        self.shape = shape
-        self.row_bytes = 4 * int(shape[1])
+        self.shape = tuple(int(n) for n in shape)
+        self.row_bytes = 4 * int(np.prod(self.shape[1:], dtype=np.int64))
         with open(self.path, "wb") as fh:
             np.lib.format.write_array_header_1_0(
                 fh, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
@@ -83,16 +84,18 @@ class RowsFile:
         self._fd: int | None = os.open(self.path, os.O_WRONLY)
 
     def put(self, start: int, rows: Any) -> None:
-        """Rows ``start, start + 1, ...`` from ``rows`` (``[n, dim]``, float32)."""
+        """Rows ``start, start + 1, ...`` from ``rows`` (``[n, *shape[1:]]``, float32)."""
         import numpy as np
 
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
         block = np.ascontiguousarray(rows, dtype=np.float32)
-        if block.ndim != 2 or block.shape[1] != self.shape[1] or not (
+        if block.shape[1:] != self.shape[1:] or not (
                 0 <= start and start + len(block) <= self.shape[0]):
             raise ValueError(f"rows {start}-{start + len(block) - 1} of shape {block.shape} "
                              f"do not fit {self.path} of shape {self.shape}")
+        if block.size == 0:
+            return
         view = block.data.cast("B")
         at, done = self.offset + start * self.row_bytes, 0
         while done < len(view):
