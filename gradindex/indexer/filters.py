@@ -97,6 +97,10 @@ class MetadataSchema:
     (floats are never listed)."""
     count: int = 0
     """Examples observed."""
+    _known: dict[str, set[tuple[str, Any]]] = field(default_factory=dict, repr=False,
+                                                   compare=False)
+    """Per listed key, ``(JSON type, value)`` of its values: a set lookup per example instead
+    of a scan of the list (``True`` and ``1`` stay apart)."""
 
     def observe(self, meta: Mapping[str, Any]) -> None:
         """Record one example's metadata."""
@@ -108,10 +112,15 @@ class MetadataSchema:
             if seen is None:
                 continue
             if kind in ("string", "integer", "boolean"):
-                if not any(json_type(s) == kind and s == value for s in seen):
+                known = self._known.get(key)
+                if known is None:
+                    known = self._known[key] = {(json_type(s), s) for s in seen}
+                if (kind, value) not in known:
+                    known.add((kind, value))
                     seen.append(value)
-                if len(seen) > SCHEMA_VALUES:
-                    self.values[key] = None
+                    if len(seen) > SCHEMA_VALUES:
+                        self.values[key] = None
+                        del self._known[key]
             elif kind != "null":
                 self.values[key] = None
 

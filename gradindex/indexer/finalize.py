@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -259,27 +260,55 @@ class Finalizer:
                       ids: np.ndarray, influence: np.ndarray) -> None:
         """Staged examples from position ``start`` on: preconditioned into ``vectors``, their
         self-influence into ``influence``, their SQL rows committed window by window (their
-        ids into ``ids``), their metadata into the version's schema."""
+        ids into ``ids``), their metadata into the version's schema.
+
+        A window's vectors file write, SQL rows and metadata run on a second thread while the
+        next window is preconditioned (the GEMM releases the GIL): on two cores the pass takes
+        the longer of the two rather than their sum. Progress and the ``rows`` hook follow
+        each window's commit, on this thread, in order.
+        """
         assert self.version is not None, "begin() first"
         groups = int(self.info["layout"]["groups"])
-        out: torch.Tensor | None = None  # one buffer for every window's vectors
-        for w in self.staging.windows(self.window, start=start, reuse=True):
-            raw = torch.from_numpy(w.raw)
-            if out is None or len(out) < len(raw):
-                out = torch.empty(len(raw), self.dim, dtype=torch.float32)
-            vec = precond.apply(raw, out=out[: len(raw)])
-            si = self_influence(raw, vec, 1.0 / groups).numpy()
-            vectors.put(w.start, vec.numpy())
-            influence[w.start : w.stop] = si
-            for rec in w.records:
-                self.metadata_schema.observe(rec.get("meta") or {})
-            with self.engine.begin() as conn:
-                ids[w.start : w.stop] = insert_examples(
-                    conn=conn, version_id=self.version.id, start=w.start, records=w.records,
-                    self_influence=si,
-                )
-            self._report("vectors", w.stop)
-            self.hooks.in_finalize("rows")
+        buffers: list[torch.Tensor] = []  # two: one window written while the next is computed
+        with ThreadPoolExecutor(1, thread_name_prefix="gradindex-rows") as rows:
+            pending: tuple[Future[None], int] | None = None
+            for n, w in enumerate(self.staging.windows(self.window, start=start, reuse=True)):
+                raw = torch.from_numpy(w.raw)
+                slot = n % 2
+                if len(buffers) <= slot:
+                    buffers.append(torch.empty(len(raw), self.dim, dtype=torch.float32))
+                elif len(buffers[slot]) < len(raw):
+                    buffers[slot] = torch.empty(len(raw), self.dim, dtype=torch.float32)
+                vec = precond.apply(raw, out=buffers[slot][: len(raw)])
+                si = self_influence(raw, vec, 1.0 / groups).numpy()
+                influence[w.start : w.stop] = si
+                job = rows.submit(self._write_rows, vectors, w.start, vec.numpy(), w.records,
+                                  si, ids)
+                if pending is not None:  # the window before: its buffer is free from here on
+                    self._rows_written(*pending)
+                pending = (job, w.stop)
+            if pending is not None:
+                self._rows_written(*pending)
+
+    def _write_rows(self, vectors: RowsFile, start: int, vec: np.ndarray,
+                    records: list[dict[str, Any]], si: np.ndarray, ids: np.ndarray) -> None:
+        """One window's vectors into the file, its metadata into the schema, its SQL rows
+        committed (their ids into ``ids``)."""
+        assert self.version is not None, "begin() first"
+        vectors.put(start, vec)
+        for rec in records:
+            self.metadata_schema.observe(rec.get("meta") or {})
+        with self.engine.begin() as conn:
+            ids[start : start + len(records)] = insert_examples(
+                conn=conn, version_id=self.version.id, start=start, records=records,
+                self_influence=si,
+            )
+
+    def _rows_written(self, job: Future[None], stop: int) -> None:
+        """Wait for a window's :meth:`_write_rows` (raising what it raised), then report it."""
+        job.result()
+        self._report("vectors", stop)
+        self.hooks.in_finalize("rows")
 
     def write_faiss(self, ids: np.ndarray, influence: np.ndarray) -> dict[str, Any]:
         """The FAISS index over the vectors, and a second one over ``v_i / sqrt(self-influence_i)``

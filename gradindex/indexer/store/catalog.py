@@ -102,10 +102,14 @@ def insert_examples(
         }
         for i, rec in enumerate(records)
     ]
-    result = conn.execute(
-        insert(ExampleRow).returning(ExampleRow.id, sort_by_parameter_order=True), rows
-    )
-    return np.asarray([r[0] for r in result], dtype=np.int64)
+    # RETURNING the position rather than asking for the rows' order: SQLite then inserts in
+    # multi-row batches instead of one statement per row (half the time of 4,096 rows)
+    result = conn.execute(insert(ExampleRow).returning(ExampleRow.id, ExampleRow.position), rows)
+    ids = np.full(len(rows), -1, dtype=np.int64)
+    for row_id, position in result:
+        ids[position - start] = row_id
+    assert (ids >= 0).all(), "an inserted row's id was not returned"
+    return ids
 
 
 def publish_version(
