@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gradindex.indexer.stage import BatchAccumulator, ChunkFlusher, StagedBatch
 from gradindex.indexer.staging import Staging
 
 DIM = 5
@@ -115,3 +118,63 @@ def test_rows_file_writes_blocks_in_any_order_into_a_loadable_npy(tmp_path: Path
     assert got.shape == (9, DIM) and got.dtype == np.float32
     np.testing.assert_array_equal(got[:7], rows)
     np.testing.assert_array_equal(got[7:], 0)  # never put: zeros
+
+
+# ----------------------------------------------------------------------------- chunk flusher
+
+
+def _batch(positions: list[int]) -> StagedBatch:
+    return StagedBatch(positions, _raw(positions),
+                       [{"id": f"ex-{p}", "payload": {"p": p}} for p in positions], None, [])
+
+
+def test_chunks_are_written_on_a_second_thread_and_reported_in_order(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging")
+    staging.init({"layout": {"dim": DIM}})
+    reported: list[tuple[int, int, int]] = []
+
+    def on_chunk(chunks: int, written: int) -> None:
+        reported.append((chunks, written, threading.get_ident()))
+        # a chunk is reported once durable: its folder is in place
+        assert len(staging.chunk_dirs()) == chunks
+
+    with ChunkFlusher(staging.writer(0, 1), 4, on_chunk) as flusher:
+        for lo in range(0, 10, 2):
+            flusher.add(_batch([lo, lo + 1]))
+        flusher.finish(BatchAccumulatorStub())
+    staging.mark_shard_done(0, 1, 10)
+    assert [(c, w) for c, w, _ in reported] == [(1, 4), (2, 8), (3, 10)]
+    assert {t for _, _, t in reported} == {threading.get_ident()}
+    windows = list(staging.windows(10))
+    assert np.array_equal(windows[0].raw, _raw(list(range(10))))
+
+
+def test_a_failed_chunk_write_is_raised_to_the_build(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging")
+    staging.init({"layout": {"dim": DIM}})
+    writer = staging.writer(0, 1)
+    shutil.rmtree(staging.chunks_dir)
+    staging.chunks_dir.write_text("not a folder")  # where the chunk's folder must go
+    reported: list[int] = []
+    with ChunkFlusher(writer, 2, lambda chunks, _: reported.append(chunks)) as flusher:
+        flusher.add(_batch([0, 1]))  # its write starts, and fails, in the background
+        with pytest.raises(OSError):
+            flusher.finish(BatchAccumulatorStub())
+    assert reported == []
+
+
+def test_leaving_on_an_error_lets_the_chunk_in_flight_land(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging")
+    staging.init({"layout": {"dim": DIM}})
+    with pytest.raises(RuntimeError, match="the task failed"), \
+            ChunkFlusher(staging.writer(0, 1), 2, lambda *_: None) as flusher:
+        flusher.add(_batch([0, 1]))
+        raise RuntimeError("the task failed")
+    assert len(staging.chunk_dirs()) == 1  # durable progress a resumed build keeps
+
+
+class BatchAccumulatorStub(BatchAccumulator):
+    """Nothing queued: :meth:`ChunkFlusher.finish` only writes what it holds."""
+
+    def __init__(self) -> None:
+        self.pending = []

@@ -107,10 +107,10 @@ def _stage_new(staging: Staging, feat: Featurizer, records: list[dict[str, Any]]
         if progress is not None:
             progress("featurize", written, len(records))
 
-    flusher = ChunkFlusher(staging.writer(0, 1), per_chunk, on_chunk)
-    for j, record in enumerate(records):
-        flusher.add(batches.add(start + j, record))
-    flusher.finish(batches)
+    with ChunkFlusher(staging.writer(0, 1), per_chunk, on_chunk) as flusher:
+        for j, record in enumerate(records):
+            flusher.add(batches.add(start + j, record))
+        flusher.finish(batches)
     staging.mark_appended(start + len(records))
 
 

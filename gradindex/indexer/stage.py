@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,11 @@ class BatchAccumulator:
 class ChunkFlusher:
     """Holds featurized batches until they add up to a chunk, then writes it durably.
 
+    A chunk is written on a second thread while the next one is featurized (its JSON, its
+    files and their fsyncs overlap the model passes); one chunk at most is in flight, so the
+    memory held is two chunks'. ``on_chunk`` is called on the caller's thread, in order, once
+    a chunk is durable. Use it as a context manager: leaving it waits for a chunk in flight.
+
     Args:
         writer: this shard's chunk writer.
         per_chunk: examples per chunk (whole batches).
@@ -200,6 +206,14 @@ class ChunkFlusher:
         self.batches: list[StagedBatch] = []
         self.chunks = 0
         self.written = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradindex-chunks")
+        self._in_flight: tuple[Future[Path], int] | None = None
+
+    def __enter__(self) -> ChunkFlusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def add(self, batch: StagedBatch | None) -> None:
         """Hold ``batch`` (if any); write the chunk once a chunk's worth is held."""
@@ -210,27 +224,48 @@ class ChunkFlusher:
             self.flush()
 
     def finish(self, batches: BatchAccumulator) -> None:
-        """Featurize what ``batches`` still queues and write every held batch."""
+        """Featurize what ``batches`` still queues and write every held batch, durably."""
         self.add(batches.drain())
         self.flush()
+        self._landed()
 
     def flush(self) -> None:
-        """Write what is held (the last, shorter chunk at the end of a run) as one chunk."""
+        """Start writing what is held (the last, shorter chunk at the end of a run) as one
+        chunk, once the chunk before it is durable."""
         if not self.batches:
             return
         parts = self.batches
+        self.batches = []
+        self._landed()
         fisher = None
         if parts[0].fisher is not None:
             fisher = [b.fisher for b in parts if b.fisher is not None]
-        self.writer.write(
+        job = self._pool.submit(
+            self.writer.write,
             [p for b in parts for p in b.positions], [b.raw for b in parts],
             [r for b in parts for r in b.records], fisher,
             [p for b in parts for p in b.fisher_positions] if fisher is not None else None,
         )
-        self.batches = []
+        self._in_flight = (job, sum(len(b.positions) for b in parts))
+
+    def _landed(self) -> None:
+        """Wait for the chunk in flight (raising what its write raised) and report it."""
+        if self._in_flight is None:
+            return
+        job, examples = self._in_flight
+        self._in_flight = None
+        job.result()
         self.chunks += 1
-        self.written += sum(len(b.positions) for b in parts)
+        self.written += examples
         self.on_chunk(self.chunks, self.written)
+
+    def close(self) -> None:
+        """Let a chunk in flight finish (it is durable progress a resumed build keeps), without
+        reporting it: after an error, the caller's own error is the one to raise."""
+        if self._in_flight is not None:
+            self._in_flight[0].exception()  # waits; a failed write leaves no chunk behind
+            self._in_flight = None
+        self._pool.shutdown()
 
 
 # ----------------------------------------------------------------------------- stage
@@ -433,17 +468,18 @@ def stage(
             fisher = FisherBatcher(feat, plan, claims=run.mine)
         batches = BatchAccumulator(feat, plan, fisher)
         per_chunk = -(-config.chunk_size // run.batch_size) * run.batch_size
-        flusher = ChunkFlusher(staging.writer(shard, shards), per_chunk, run.on_chunk)
         run.report("featurizing")
         count = 0
         stream = enumerate(examples)
-        for pos, (ext_id, payload) in stream:
-            count = pos + 1
-            if fisher is not None:
-                fisher.see(pos, payload)
-            if run.mine(pos):
-                flusher.add(batches.add(pos, run.record(feat, pos, ext_id, payload, stream)))
-        flusher.finish(batches)
+        with ChunkFlusher(staging.writer(shard, shards), per_chunk, run.on_chunk) as flusher:
+            for pos, (ext_id, payload) in stream:
+                count = pos + 1
+                if fisher is not None:
+                    fisher.see(pos, payload)
+                if run.mine(pos):
+                    flusher.add(batches.add(pos, run.record(feat, pos, ext_id, payload,
+                                                            stream)))
+            flusher.finish(batches)
         staging.mark_shard_done(shard, shards, count)
         run.set_total(count)
         run.report("staged")
