@@ -103,3 +103,25 @@ def test_model_without_linear_layers() -> None:
 
     with pytest.raises(TaskError, match="no module to attribute"):
         Featurizer(NoLinear(), CompressionConfig(keep=0.5), device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_trained_digits_weights_do_not_depend_on_the_thread_count(kind: str) -> None:
+    """A server's worker processes run fewer torch threads than the build did: the model a
+    built-in task trains at load must come out the same, or the index is refused as built
+    from other weights."""
+    import torch
+
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            net = DigitsTask(model=kind, train_size=300).model()
+            weights.append({k: v.clone() for k, v in net.state_dict().items()})
+            assert torch.get_num_threads() == threads  # training leaves the setting as it was
+    finally:
+        torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .build_config import NO_HOOKS, BuildHooks, BuildProgressFn
@@ -40,6 +40,7 @@ from .store import (
     load_manifest,
     save_manifest,
 )
+from .store.catalog import insert_rows
 from .store.db import ExampleRow
 from .store.files import RowsFile
 from .task import TaskSpec
@@ -152,10 +153,7 @@ class _Appender(Finalizer):
                 self.metadata_schema.observe(row["metadata"] or {})
             for lo in range(0, len(rows), self.window):
                 part = rows[lo : lo + self.window]
-                got = conn.execute(
-                    insert(ExampleRow).returning(ExampleRow.id, sort_by_parameter_order=True),
-                    part)
-                ids[lo : lo + len(part)] = [g[0] for g in got]
+                ids[lo : lo + len(part)] = insert_rows(conn=conn, rows=part)
         self._report("vectors", self.old_count)
         with vectors:
             self.write_windows(precond, self.old_count, vectors, ids, influence)

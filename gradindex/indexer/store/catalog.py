@@ -102,12 +102,21 @@ def insert_examples(
         }
         for i, rec in enumerate(records)
     ]
-    # RETURNING the position rather than asking for the rows' order: SQLite then inserts in
-    # multi-row batches instead of one statement per row (half the time of 4,096 rows)
-    result = conn.execute(insert(ExampleRow).returning(ExampleRow.id, ExampleRow.position), rows)
+    return insert_rows(conn=conn, rows=rows)
+
+
+def insert_rows(*, conn: Connection, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Insert example rows (``ExampleRow``'s columns, positions distinct within the version);
+    returns their ids in the rows' order.
+
+    RETURNING each row's position rather than asking for the rows' order: SQLite then inserts
+    in multi-row batches instead of one statement per row (half the time of 4,096 rows).
+    """
+    at = {int(row["position"]): i for i, row in enumerate(rows)}
     ids = np.full(len(rows), -1, dtype=np.int64)
-    for row_id, position in result:
-        ids[position - start] = row_id
+    for row_id, position in conn.execute(
+            insert(ExampleRow).returning(ExampleRow.id, ExampleRow.position), rows):
+        ids[at[int(position)]] = row_id
     assert (ids >= 0).all(), "an inserted row's id was not returned"
     return ids
 

@@ -53,7 +53,10 @@ def train_classifier(
     """Full-batch L-BFGS on mean cross-entropy + ``weight_decay/2·‖θ‖²``, to convergence.
 
     Deterministic on the CPU, so the same data and seed give the same weights; converged, so
-    influence functions (which assume an optimum) apply.
+    influence functions (which assume an optimum) apply. Trained on one thread whatever the
+    process's thread count: a product split across threads sums in another order, and 500
+    L-BFGS steps carry that rounding into other weights, so a server's worker processes (which
+    run fewer threads each) would load a model the index was not built from.
     """
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
@@ -71,7 +74,12 @@ def train_classifier(
         return loss
 
     model.train()
-    opt.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
