@@ -79,7 +79,9 @@ def test_streaming_accumulation_does_not_depend_on_batch_size(mlp_task) -> None:
     b = InMemoryIndex.fit(mlp_task, CompressionConfig(keep=0.3, batch_size=90), cfg,
                           examples=pairs, device="cpu")
     for fa, fb in zip(a.preconditioner.fishers, b.preconditioner.fishers, strict=True):
-        torch.testing.assert_close(fa, fb, atol=1e-9, rtol=1e-6)
+        # per-batch float32 sums: a few float32 roundings of the matrix's scale (measured
+        # 3e-7 of its largest entry); a batch missed or counted twice would be 1e-2 and more
+        assert float((fa - fb).abs().max()) <= 2e-6 * float(fb.abs().max())
     # float32 sums per batch: the Fishers differ by ~1e-7, which the inverse (condition ~900
     # here) amplifies on the smallest coordinates, so the bound is on the whole matrix
     assert _rel(a.vectors, b.vectors) < VECTOR_RTOL
