@@ -47,7 +47,8 @@ class Hit:
 HIT_COLUMNS = (ExampleRow.id, ExampleRow.external_id, ExampleRow.payload, ExampleRow.meta,
                ExampleRow.self_influence)
 """What a :class:`Hit` is read from: selected as columns, not as ORM objects (no session, no
-identity map; a tenth of a 10-hit read's time went to the ORM's bookkeeping)."""
+identity map). With the statement built once too (:data:`_HITS`), a 10-hit read takes a third
+of the ORM's time (0.44 against 1.31 ms on the demo index)."""
 
 
 _HITS = select(*HIT_COLUMNS).where(ExampleRow.id.in_(bindparam("ids", expanding=True)),
@@ -56,6 +57,8 @@ _HITS = select(*HIT_COLUMNS).where(ExampleRow.id.in_(bindparam("ids", expanding=
 
 _DELETED = select(ExampleRow.id).where(ExampleRow.version_id == bindparam("version"),
                                        ExampleRow.deleted)
+"""A version's deleted ids (every search reads them), from the ``(version_id, deleted)``
+index."""
 
 
 def _hit(row: Sequence[Any], score: float | None = None) -> Hit:
