@@ -92,7 +92,10 @@ def test_add_equals_a_rebuild_under_the_same_preconditioner(settings: Settings, 
     import torch
 
     expected = precond.apply(torch.from_numpy(raw)).numpy()
-    np.testing.assert_allclose(v2[old:], expected[old:], rtol=1e-5, atol=1e-6)
+    # float32 products of other shapes (60 rows, not all at once) round differently: within
+    # the preconditioner's documented float32 error (FLOAT32_MAX_CONDITION), of the vectors' scale
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(v2[old:], expected[old:], rtol=0, atol=1e-5 * scale)
 
     with Session(connect(settings)) as session:
         version = current_version(session=session, name="grow")

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -272,7 +273,8 @@ class Finalizer:
         buffers: list[torch.Tensor] = []  # two: one window written while the next is computed
         with ThreadPoolExecutor(1, thread_name_prefix="gradindex-rows") as rows:
             pending: tuple[Future[None], int] | None = None
-            for n, w in enumerate(self.staging.windows(self.window, start=start, reuse=True)):
+            for n, w in enumerate(self.staging.windows(self.window, start=start, reuse=True,
+                                                       defer_records=True)):
                 raw = torch.from_numpy(w.raw)
                 slot = n % 2
                 if len(buffers) <= slot:
@@ -282,8 +284,9 @@ class Finalizer:
                 vec = precond.apply(raw, out=buffers[slot][: len(raw)])
                 si = self_influence(raw, vec, 1.0 / groups).numpy()
                 influence[w.start : w.stop] = si
-                job = rows.submit(self._write_rows, vectors, w.start, vec.numpy(), w.records,
-                                  si, ids)
+                assert w.read_records is not None
+                job = rows.submit(self._write_rows, vectors, w.start, vec.numpy(),
+                                  w.read_records, si, ids)
                 if pending is not None:  # the window before: its buffer is free from here on
                     self._rows_written(*pending)
                 pending = (job, w.stop)
@@ -291,11 +294,14 @@ class Finalizer:
                 self._rows_written(*pending)
 
     def _write_rows(self, vectors: RowsFile, start: int, vec: np.ndarray,
-                    records: list[dict[str, Any]], si: np.ndarray, ids: np.ndarray) -> None:
-        """One window's vectors into the file, its metadata into the schema, its SQL rows
-        committed (their ids into ``ids``)."""
+                    read_records: Callable[[], list[dict[str, Any]]], si: np.ndarray,
+                    ids: np.ndarray) -> None:
+        """One window's vectors into the file, its records read (their JSON parsed here, beside
+        the next window's product), its metadata into the schema, its SQL rows committed
+        (their ids into ``ids``)."""
         assert self.version is not None, "begin() first"
         vectors.put(start, vec)
+        records = read_records()
         for rec in records:
             self.metadata_schema.observe(rec.get("meta") or {})
         with self.engine.begin() as conn:
