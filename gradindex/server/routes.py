@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -88,6 +89,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 INLINE_HITS = 256
 """An influence answer of at most this many hits (not rendered) is built on the event loop."""
+
+
+def _json(model: BaseModel) -> Response:
+    """``model`` as the response body, serialised by pydantic in one step: FastAPI's own path
+    for a ``response_model`` (validate, dump to Python objects, ``json.dumps``) took 5× as
+    long for a 10-hit influence answer (0.36 against 0.07 ms of the event loop's time). The
+    route's ``response_model`` still documents the body."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 # Dependencies that do no I/O are async: FastAPI runs a plain `def` one on a worker thread,
@@ -349,7 +358,7 @@ async def _predict(served: Served, payloads: Sequence[Any]) -> list[Prediction]:
 
 @router.post("/{name}/influence", response_model=InfluenceResponse)
 async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
-                    settings: SettingsDep, request: Request) -> InfluenceResponse:
+                    settings: SettingsDep, request: Request) -> Response:
     """The top-k proponents (score > 0) and/or opponents (score < 0) of each test example
     (`examples`), or of stored training examples (`ids`, train-to-train, no model pass), with
     how many examples score on each side of zero and the model's prediction, confidence and
@@ -397,14 +406,17 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
     # a small answer without the task's own code (render) is built on the event loop: a hop
     # to a thread would cost more than the work
     small = not body.render and len(q) * body.k * len(directions) <= INLINE_HITS
-    results = respond() if small else await run_in_threadpool(respond)
-    return InfluenceResponse(index=index.name, version=index.version, results=results)
+    def answer() -> Response:
+        return _json(InfluenceResponse(index=index.name, version=index.version,
+                                       results=respond()))
+
+    return answer() if small else await run_in_threadpool(answer)
 
 
 @router.post("/{name}/scores", response_model=ScoresResponse)
 async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
                  settings: SettingsDep, request: Request, registry: Registry
-                 ) -> ScoresResponse:
+                 ) -> Response:
     """Exact scores ``[example][id]`` against the given (or every live) training id."""
     _check_examples(body.examples, settings)
     if body.ids is not None and len(body.ids) > settings.max_ids:
@@ -430,20 +442,21 @@ async def scores(_key: ReadKey, body: ScoresRequest, served: IndexDep,
         await _unless_replaced(served, registry)
     if not np.isfinite(matrix).all():
         _finite(float("inf"))
-    return ScoresResponse(index=served.index.name, version=served.index.version, ids=ids,
-                          scores=matrix.tolist(), missing=missing)
+    return await run_in_threadpool(lambda: _json(ScoresResponse(
+        index=served.index.name, version=served.index.version, ids=ids,
+        scores=matrix.tolist(), missing=missing)))
 
 
 @router.post("/{name}/select", response_model=SelectResponse)
 async def select(_key: ReadKey, body: SelectRequest, served: IndexDep,
-                 settings: SettingsDep, request: Request) -> SelectResponse:
+                 settings: SettingsDep, request: Request) -> Response:
     """Training examples ranked by mean influence over the examples (data selection)."""
     q = await _queries(served, body.examples, settings, request)
     hits = await run_in_threadpool(lambda: served.index.select(
         q, body.k, filter=body.filter, normalize=body.normalize))
     results = [_example(h) for h in hits]
-    return SelectResponse(index=served.index.name, version=served.index.version,
-                          ids=[r.id for r in results], results=results)
+    return _json(SelectResponse(index=served.index.name, version=served.index.version,
+                                ids=[r.id for r in results], results=results))
 
 
 FILTER_PARAM = ("A metadata filter as JSON (the language of `filter` in /influence), e.g. "
@@ -482,7 +495,7 @@ async def self_influence(
     max_self_influence: Annotated[float | None, Query(
         description="Only self-influence < this (a histogram bin's right edge; omit it for "
                     "the last bin).")] = None,
-) -> SelfInfluencePage:
+) -> Response:
     """Training examples ranked by self-influence: outlier and mislabel candidates first."""
     flt = parse_filter_param(filter)
     for bound in (min_self_influence, max_self_influence):
@@ -500,10 +513,10 @@ async def self_influence(
     hits, total = await run_in_threadpool(page)
     if not hits:
         await _unless_replaced(served, registry)
-    return SelfInfluencePage(
+    return _json(SelfInfluencePage(
         index=index.name, version=index.version, limit=limit, offset=offset,
         next_offset=offset + limit if offset + len(hits) < total else None,
-        results=[_training(h, served if render else None) for h in hits], total=total)
+        results=[_training(h, served if render else None) for h in hits], total=total))
 
 
 @router.get("/{name}/examples", response_model=ExamplePage)
@@ -519,7 +532,7 @@ async def list_examples(
                     f"{MAX_PREDICTED:,}).")] = False,
     predict: Annotated[bool, Query(
         description="Add each example's `prediction`, `confidence` and `loss`.")] = False,
-) -> ExamplePage:
+) -> Response:
     """The live training examples in build order, a page at a time, optionally filtered on
     their metadata or to the misclassified ones; `total` says how many match."""
     flt = parse_filter_param(filter)
@@ -549,9 +562,9 @@ async def list_examples(
         for r in results:
             view = found[r.id]
             r.prediction, r.confidence, r.loss = view.prediction, view.confidence, view.loss
-    return ExamplePage(
+    return _json(ExamplePage(
         index=index.name, version=index.version, total=total, limit=limit, offset=offset,
-        next_offset=offset + limit if offset + len(hits) < total else None, results=results)
+        next_offset=offset + limit if offset + len(hits) < total else None, results=results))
 
 
 ExampleId = Annotated[str, Path(description="The example's id.", max_length=512)]
