@@ -406,6 +406,7 @@ async def influence(_key: ReadKey, body: InfluenceRequest, served: IndexDep,
     # a small answer without the task's own code (render) is built on the event loop: a hop
     # to a thread would cost more than the work
     small = not body.render and len(q) * body.k * len(directions) <= INLINE_HITS
+
     def answer() -> Response:
         return _json(InfluenceResponse(index=index.name, version=index.version,
                                        results=respond()))
